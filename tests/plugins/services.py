@@ -1,0 +1,35 @@
+"""Real backing services for integration tests: PostgreSQL and a SeaweedFS S3 server.
+
+PostgreSQL is never skipped: when it is unreachable the tests that need it fail, so CI
+cannot go green without having exercised it.
+"""
+import pytest
+
+from scripts.services import PostgresDatabase, SeaweedS3
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A fresh database on the local PostgreSQL server for this test session."""
+    db = PostgresDatabase()
+    try:
+        db.create()
+    except Exception as exc:  # psycopg2.OperationalError and friends
+        pytest.fail(f"PostgreSQL is required for this test and is not reachable at {db.admin_url}: {exc}",
+                    pytrace=False)
+    yield db
+    db.drop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_database) -> str:
+    return pg_database.url
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS `weed mini`) on loopback with the bucket created."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start(timeout=60)
+    yield server
+    server.stop()
