@@ -1,0 +1,45 @@
+#!/bin/sh
+# PID 1 of the TorchServe image.
+#
+# `torchserve --start --foreground` is a Python launcher that waits on the Java frontend. If
+# the launcher were PID 1, `docker stop` / ECS would kill it and Java with its workers would
+# die uncleanly when the container goes away. Here the shell keeps PID 1, and on SIGTERM it
+# runs `torchserve --stop`, which lets Java finish in-flight requests and stop its workers.
+set -eu
+
+: "${TS_CONFIG_FILE:=/home/model-server/config.properties}"
+: "${MODEL_STORE:=/home/model-server/model-store}"
+: "${SERVE_LOG_CONFIG:=/home/model-server/log4j2.xml}"
+: "${TEMP:=/tmp}"
+export TS_CONFIG_FILE TEMP
+# Which archives to register at start, as TorchServe's --models takes them (NAME=FILE ...).
+# The default is the archive baked into the image; a mounted model store can name others.
+: "${SERVE_MODELS:=dr=dr_${MODEL_VERSION:?set MODEL_VERSION or SERVE_MODELS}.mar}"
+
+if [ "$#" -gt 0 ]; then
+  exec "$@"  # e.g. `docker run IMAGE torchserve --version` or a shell for debugging
+fi
+
+# TEMP holds the pid file `torchserve --stop` looks for and the unpacked archives.
+mkdir -p "$TEMP"
+
+# SERVE_MODELS is a space-separated list: word splitting is wanted here.
+# shellcheck disable=SC2086
+torchserve --start --foreground --ncs \
+  --ts-config "$TS_CONFIG_FILE" \
+  --log-config "$SERVE_LOG_CONFIG" \
+  --model-store "$MODEL_STORE" \
+  --models $SERVE_MODELS &
+launcher=$!
+
+stop() {
+  torchserve --stop --foreground || true
+  wait "$launcher" || true
+  exit 0
+}
+trap stop TERM INT
+
+# `wait` returns early when a trapped signal arrives; the trap then takes over.
+status=0
+wait "$launcher" || status=$?
+exit "$status"
