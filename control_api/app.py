@@ -1,0 +1,115 @@
+"""The application factory."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+import flask_smorest
+from flask import Flask, g, request
+from flask_cors import CORS
+
+from . import audit, auth, cli, errors, logs, metrics, ratelimit
+from . import storage as storage_mod
+from . import torchserve as torchserve_mod
+from .blueprints import audit as audit_bp
+from .blueprints import health, models, patients, screenings
+from .db import bind, db
+from .settings import Settings
+
+log = logging.getLogger("control_api.requests")
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+# Room for the multipart framing and form fields around an image of MAX_UPLOAD_BYTES.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class Api(flask_smorest.Api):
+    def handle_http_exception(self, error):
+        return errors.handle_http_exception(error)
+
+
+def create_app(settings: Settings | None = None, *, storage=None, torchserve=None) -> Flask:
+    """`storage` and `torchserve` replace the backends the settings name (tests pass fakes)."""
+    settings = settings or Settings.from_env()
+    logs.configure(settings.log_level)
+    app = Flask(__name__, static_folder=None)
+    app.config.update(
+        DEBUG=settings.debug,
+        # Werkzeug refuses a larger Content-Length with 413 before reading the body.
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        API_TITLE="Clarity in Care API", API_VERSION="v1", OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api/v1", OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs", OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        API_SPEC_OPTIONS={"info": {"description": (
+            "Diabetic retinopathy screening. Grades come from a demo model trained on synthetic "
+            "images: not for clinical use. See docs/api.md.")}},
+    )
+    app.extensions["clarity"] = {
+        "settings": settings,
+        "storage": storage or storage_mod.from_settings(settings),
+        "torchserve": torchserve or torchserve_mod.from_settings(settings),
+    }
+    bind(settings.database_url)
+
+    app.before_request(_start)
+    app.before_request(auth.enforce)
+    ratelimit.init_app(app, settings)  # after auth.enforce: the limit is counted per API key
+
+    api = Api(app)
+    api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
+    for blueprint in (health.blp, patients.blp, screenings.blp, models.blp, audit_bp.blp):
+        api.register_blueprint(blueprint)
+    errors.register(app)
+    if settings.cors_origins:
+        CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)}},
+             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+             expose_headers=["Location", "Retry-After", "X-Request-ID", "Idempotent-Replayed"], max_age=600)
+
+    # after_request hooks run in reverse order: audit (may turn the answer into a 503),
+    # then security headers, then the log line and metrics with the final status.
+    app.after_request(_finish)
+    app.after_request(_security_headers)
+    app.after_request(audit.record)
+    app.teardown_request(_close_db)
+    cli.register(app)
+    return app
+
+
+def _start():
+    incoming = request.headers.get("X-Request-ID", "")
+    g.request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    g.started = time.perf_counter()
+
+
+def _security_headers(response):
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    if request.blueprint == "api-docs":  # the docs page loads Swagger UI from its CDN
+        headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
+    else:
+        headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+        headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _finish(response):
+    response.headers["X-Request-ID"] = errors.request_id()
+    route = request.url_rule.rule if request.url_rule else "<unmatched>"
+    method = request.method if request.method in METHODS else "OTHER"
+    elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+    metrics.REQUESTS.labels(method, route, str(response.status_code)).inc()
+    metrics.REQUEST_SECONDS.labels(method, route).observe(elapsed)
+    key = g.get("api_key")
+    log.info("request", extra={"method": method, "route": route, "status": response.status_code,
+                               "duration_ms": round(elapsed * 1000, 2), "key_prefix": key.prefix if key else None})
+    return response
+
+
+def _close_db(exc):
+    if not db.is_closed():
+        db.close()

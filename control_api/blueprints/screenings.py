@@ -1,0 +1,239 @@
+"""Screenings: upload a photograph of one eye, list, read, download the image, re-grade.
+
+Upload order: validate -> store the object -> write the row -> ask TorchServe.
+- storage fails: nothing was written (503);
+- the row fails: the object is deleted again;
+- TorchServe down or slow: the screening stays `pending` (202 + Retry-After) for
+  `flask grade-pending` or a re-grade;
+- TorchServe rejects the image (its 4xx): row and object are removed and the client gets 422
+  with the model server's code and message; nothing half-done stays behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+
+import peewee
+from flask import Response, current_app, g, redirect, request
+
+from .. import images, metrics, schemas
+from ..audit import audited, target
+from ..auth import ADMIN, CLINICAL, require_role, roles
+from ..db import db
+from ..errors import RETRY_AFTER_SECONDS, ApiError
+from ..grading import grade, release
+from ..models import Grading, Screening, utcnow
+from ..pagination import page
+from ..ratelimit import limiter, upload_limit
+from ..storage import get_storage, screening_key, sha256_hex
+from ..torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client
+from . import Blueprint
+from .patients import get_patient
+
+log = logging.getLogger(__name__)
+
+blp = Blueprint("screenings", __name__, url_prefix="/api/v1/patients/<uuid:patient_id>/screenings",
+                description="Eye photographs and their gradings")
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
+
+
+def get_screening(patient_id, screening_id) -> Screening:
+    screening = Screening.get_or_none((Screening.id == screening_id) & (Screening.patient == patient_id))
+    if screening is None:
+        get_patient(patient_id)  # a missing patient is the better message
+        raise ApiError(404, "screening_not_found", "This patient has no screening with this id.")
+    return screening
+
+
+def _location(s: Screening) -> str:
+    return f"/api/v1/patients/{s.patient_id}/screenings/{s.id}"
+
+
+def _answer(screening: Screening, replayed: bool = False):
+    headers = {"Location": _location(screening)}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if screening.status == "pending":
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return screening, 202, headers
+    return screening, 201, headers
+
+
+def _read_upload(upload) -> bytes:
+    limit = current_app.extensions["clarity"]["settings"].max_upload_bytes
+    data = upload.stream.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "payload_too_large", f"The image is larger than {limit} bytes.")
+    return data
+
+
+def _fingerprint(patient_id, form: dict, sha256: str) -> str:
+    captured = form.get("captured_at")
+    parts = [str(patient_id), form["eye"], captured.isoformat() if captured else None, form.get("camera"), sha256]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _previous(idempotency_key: str, fingerprint: str) -> Screening | None:
+    """The screening an earlier request with this key made, if any (409 if it asked for something else)."""
+    earlier = Screening.get_or_none((Screening.created_by == g.api_key.id)
+                                    & (Screening.idempotency_key == idempotency_key))
+    if earlier is not None and earlier.request_fingerprint != fingerprint:
+        raise ApiError(409, "idempotency_key_reused",
+                       "This Idempotency-Key was already used for a different upload.")
+    return earlier
+
+
+def _discard(screening: Screening) -> None:
+    """Remove a screening that must not stay (its upload failed after the row was written)."""
+    with db.atomic():
+        Grading.delete().where(Grading.screening == screening.id).execute()
+        Screening.delete().where(Screening.id == screening.id).execute()
+    _delete_object(screening.image_key)
+
+
+def _delete_object(key: str) -> None:
+    try:
+        get_storage().delete(key)
+    except Exception as exc:  # the object is orphaned; `flask reconcile` finds it
+        log.error("could not delete object", extra={"key": key, "error_type": type(exc).__name__})
+
+
+@blp.route("", methods=["POST"])
+@roles(*CLINICAL)
+@audited("screening.create", "screening")
+@limiter.limit(upload_limit)
+@blp.arguments(schemas.ScreeningUpload, location="multipart")
+@blp.response(201, schemas.Screening, description="Stored and graded (or found ungradable)")
+@blp.alt_response(202, schema=schemas.Screening, description="Stored; grading pending (Retry-After)")
+@blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "required": False,
+                      "schema": {"type": "string", "maxLength": 255},
+                      "description": "a retry with the same key returns the first result"}])
+def create_screening(form, patient_id):
+    patient = get_patient(patient_id)
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters.")
+    data = _read_upload(form["image"])
+    info = images.inspect(data)
+    sha256 = sha256_hex(data)
+    fingerprint = _fingerprint(patient.id, form, sha256)
+    if idempotency_key and (earlier := _previous(idempotency_key, fingerprint)):
+        target(resource_id=earlier.id)
+        return _answer(earlier, replayed=True)
+
+    screening_id = uuid.uuid4()
+    screening = Screening(
+        id=screening_id, patient=patient, eye=form["eye"], captured_at=form.get("captured_at"),
+        camera=form.get("camera"), image_key=screening_key(screening_id), image_size=len(data),
+        image_sha256=sha256, content_type=info.content_type, status="pending",
+        created_by=g.api_key.id, idempotency_key=idempotency_key, request_fingerprint=fingerprint,
+        grading_started_at=utcnow())
+    storage = get_storage()
+    with metrics.STORAGE_SECONDS.labels(storage.name, "put").time():
+        storage.put(screening.image_key, data, content_type=info.content_type, sha256=sha256)
+    try:
+        with db.atomic():
+            screening.save(force_insert=True)
+    except peewee.IntegrityError:
+        # Two requests with one Idempotency-Key raced; the other one's row won.
+        _delete_object(screening.image_key)
+        earlier = _previous(idempotency_key, fingerprint) if idempotency_key else None
+        if earlier is None:
+            raise
+        target(resource_id=earlier.id)
+        return _answer(earlier, replayed=True)
+    except BaseException:
+        _delete_object(screening.image_key)
+        raise
+    target(resource_id=screening.id)
+    log.info("screening stored", extra={"screening_id": str(screening.id), "patient_id": str(patient.id),
+                                        "bytes": len(data), "content_type": info.content_type})
+
+    try:
+        grade(get_client(), screening, data)
+    except (TorchServeUnavailable, UnknownModelVersion) as exc:
+        release(screening)
+        metrics.SCREENINGS.labels("pending").inc()
+        log.warning("grading deferred", extra={"screening_id": str(screening.id), "reason": str(exc)})
+    except ImageRejected as exc:
+        _discard(screening)
+        metrics.SCREENINGS.labels("rejected").inc()
+        raise ApiError(422, exc.code, exc.message) from None
+    return _answer(screening)
+
+
+@blp.route("", methods=["GET"])
+@roles(*CLINICAL)
+@audited("screening.list", "patient")
+@blp.arguments(schemas.PageArgs, location="query")
+@blp.response(200, schemas.ScreeningPage)
+def list_screenings(args, patient_id):
+    patient = get_patient(patient_id)
+    rows, next_cursor = page(Screening.select().where(Screening.patient == patient),
+                             (Screening.created_at, Screening.id), args.get("cursor"), args["limit"])
+    _attach_latest(rows)
+    return {"items": rows, "next_cursor": next_cursor}
+
+
+def _attach_latest(screenings: list[Screening]) -> None:
+    """The latest grading of a whole page in one query, instead of one query per row."""
+    latest = {}
+    if screenings:
+        query = Grading.select().where(Grading.screening.in_([s.id for s in screenings]))
+        for grading in query.order_by(Grading.created_at, Grading.id):
+            latest[grading.screening_id] = grading
+    for s in screenings:
+        s._latest = latest.get(s.id)
+
+
+@blp.route("/<uuid:screening_id>", methods=["GET"])
+@roles(*CLINICAL)
+@audited("screening.read", "screening")
+@blp.response(200, schemas.ScreeningDetail)
+def read_screening(patient_id, screening_id):
+    return get_screening(patient_id, screening_id)
+
+
+@blp.route("/<uuid:screening_id>/image", methods=["GET"])
+@roles(*CLINICAL)
+@audited("screening.image.read", "screening")
+@blp.response(200, content_type="image/*", description="The original bytes (local storage)")
+@blp.alt_response(302, description="Redirect to a short-lived presigned URL (S3 storage)")
+def read_image(patient_id, screening_id):
+    screening = get_screening(patient_id, screening_id)
+    storage = get_storage()
+    url = storage.download_url(screening.image_key, content_type=screening.content_type)
+    if url:
+        return redirect(url, 302)
+    with metrics.STORAGE_SECONDS.labels(storage.name, "get").time():
+        data = storage.get(screening.image_key, sha256=screening.image_sha256)
+    extension = screening.content_type.split("/")[1].replace("jpeg", "jpg")
+    return Response(data, mimetype=screening.content_type, headers={
+        "Content-Disposition": f'inline; filename="{screening.id}.{extension}"',
+        "X-Content-SHA256": screening.image_sha256})
+
+
+@blp.route("/<uuid:screening_id>/grade", methods=["POST"])
+@roles(*CLINICAL)
+@audited("screening.grade", "screening")
+@blp.arguments(schemas.GradeRequest, required=False)
+@blp.response(201, schemas.Screening)
+def regrade(args, patient_id, screening_id):
+    """Grade again with the default model, or with a named version (admin only). The earlier
+    gradings stay in the history; a rejected image or unknown version changes nothing."""
+    version = args.get("model_version")
+    if version:
+        require_role(*ADMIN)
+    screening = get_screening(patient_id, screening_id)
+    data = get_storage().get(screening.image_key, sha256=screening.image_sha256)
+    try:
+        grade(get_client(), screening, data, version)
+    except UnknownModelVersion:
+        raise ApiError(422, "unknown_model_version", "No model version of that name is registered.") from None
+    except ImageRejected as exc:
+        raise ApiError(422, exc.code, exc.message) from None
+    return screening, 201

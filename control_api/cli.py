@@ -1,0 +1,160 @@
+"""`flask --app control_api ...` commands: schema, API keys, and jobs that repair or finish work."""
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timedelta, timezone
+
+import click
+from flask.cli import with_appcontext
+
+from . import migrations
+from .auth import create_key, revoke_key
+from .db import db
+from .grading import claim, grade, release
+from .models import ROLES, ApiKey, Grading, Screening, utcnow
+from .storage import IntegrityError, ObjectMissing, StorageUnavailable, get_storage
+from .torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client
+
+
+def _migrate() -> None:
+    before = migrations.current_version(db.obj)
+    applied = migrations.migrate(db.obj)
+    if applied:
+        click.echo(f"schema upgraded from version {before} to {applied[-1]}")
+    else:
+        click.echo(f"schema is up to date (version {before})")
+
+
+@click.command("migrate")
+@with_appcontext
+def migrate_command():
+    """Create the schema or upgrade it to the latest version (keeps every row)."""
+    _migrate()
+
+
+@click.command("init-db")
+@with_appcontext
+def init_db_command():
+    """Same as `migrate`: an empty database is upgraded from version 0."""
+    _migrate()
+
+
+@click.group("keys")
+def keys():
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--role", type=click.Choice(ROLES), required=True)
+@click.option("--label", default="", help="Who or what uses the key (no patient data).")
+@with_appcontext
+def keys_create(role, label):
+    """Print a new key on stdout. It is shown this once; only its hash is stored."""
+    key, token = create_key(role, label)
+    click.echo(token)
+    click.echo(f"created {role} key {key.prefix} ({label or 'no label'}); store it now, it is not shown again",
+               err=True)
+
+
+@keys.command("list")
+@with_appcontext
+def keys_list():
+    for key in ApiKey.select().order_by(ApiKey.created_at):
+        state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}Z" if key.revoked_at else "active"
+        click.echo(f"{key.prefix}  {key.role:<9}  {state:<24}  {key.label}")
+
+
+@keys.command("revoke")
+@click.argument("prefix")
+@with_appcontext
+def keys_revoke(prefix):
+    """Revoke the key with this prefix (the 8 characters after `cic_`)."""
+    if not revoke_key(prefix):
+        raise click.ClickException(f"no active key with prefix {prefix}")
+    click.echo(f"revoked {prefix}")
+
+
+@click.command("grade-pending")
+@click.option("--limit", type=int, default=None, help="Grade at most this many.")
+@with_appcontext
+def grade_pending(limit):
+    """Grade every pending screening once. Safe beside uploads and other runs: each screening is
+    claimed before grading, so none is graded twice. Stops when TorchServe is unavailable."""
+    client, storage = get_client(), get_storage()
+    query = Screening.select(Screening.id).where(Screening.status == "pending").order_by(Screening.created_at)
+    counts = {"graded": 0, "ungradable": 0, "failed": 0, "skipped": 0}
+    for row in query.limit(limit) if limit else query:
+        if not claim(row.id):
+            counts["skipped"] += 1  # someone else is grading it right now
+            continue
+        screening = Screening.get_by_id(row.id)
+        try:
+            grade(client, screening, storage.get(screening.image_key, sha256=screening.image_sha256))
+        except (TorchServeUnavailable, UnknownModelVersion, StorageUnavailable) as exc:
+            release(screening)
+            click.echo(f"stopped: {exc}; {sum(counts.values())} done, the rest stay pending", err=True)
+            sys.exit(1)
+        except (ImageRejected, ObjectMissing, IntegrityError) as exc:
+            Screening.update(status="failed", grading_started_at=None, updated_at=utcnow()).where(
+                Screening.id == screening.id).execute()
+            click.echo(f"{screening.id} failed: {getattr(exc, 'code', type(exc).__name__)}")
+            counts["failed"] += 1
+            continue
+        counts[screening.status] += 1
+        click.echo(f"{screening.id} {screening.status}")
+    click.echo(", ".join(f"{n} {k}" for k, n in counts.items()))
+
+
+@click.command("check-storage")
+@with_appcontext
+def check_storage():
+    """Read every screening's image back and compare its SHA-256 with the record."""
+    storage = get_storage()
+    checked = problems = 0
+    for s in Screening.select(Screening.id, Screening.image_key, Screening.image_sha256).iterator():
+        checked += 1
+        try:
+            storage.get(s.image_key, sha256=s.image_sha256)
+        except ObjectMissing:
+            problems += 1
+            click.echo(f"{s.id} missing object {s.image_key}")
+        except IntegrityError:
+            problems += 1
+            click.echo(f"{s.id} SHA-256 mismatch {s.image_key}")
+    click.echo(f"{checked} checked, {problems} problems")
+    if problems:
+        sys.exit(1)
+
+
+@click.command("reconcile")
+@click.option("--apply", "apply_", is_flag=True, help="Repair; without it, only report (dry run).")
+@click.option("--grace-minutes", default=10, show_default=True,
+              help="Leave objects and rows younger than this alone: an upload may be in flight.")
+@with_appcontext
+def reconcile(apply_, grace_minutes):
+    """Find objects without a screening row (deleted with --apply) and screening rows without
+    their object (deleted with their gradings with --apply: they can be neither shown nor graded)."""
+    storage = get_storage()
+    cutoff = datetime.now(timezone.utc) - timedelta(minutes=grace_minutes)
+    objects = {o.key: o for o in storage.list("screenings/")}
+    rows = {s.image_key: s for s in Screening.select(Screening.id, Screening.image_key, Screening.created_at)}
+    orphan_objects = [k for k, o in objects.items() if k not in rows and o.modified_at < cutoff]
+    orphan_rows = [s for k, s in rows.items()
+                   if k not in objects and s.created_at.replace(tzinfo=timezone.utc) < cutoff]
+    for key in orphan_objects:
+        click.echo(f"object without row: {key}")
+        if apply_:
+            storage.delete(key)
+    for s in orphan_rows:
+        click.echo(f"row without object: screening {s.id}")
+        if apply_:
+            with db.atomic():
+                Grading.delete().where(Grading.screening == s.id).execute()
+                Screening.delete().where(Screening.id == s.id).execute()
+    verb = "repaired" if apply_ else "found (dry run; --apply repairs)"
+    click.echo(f"{len(orphan_objects)} objects without rows, {len(orphan_rows)} rows without objects {verb}")
+
+
+def register(app) -> None:
+    for command in (migrate_command, init_db_command, keys, grade_pending, check_storage, reconcile):
+        app.cli.add_command(command)

@@ -1,0 +1,170 @@
+"""Schema versions and the steps between them (playhouse.migrate).
+
+A fresh database goes through every step, so the upgrade path is the path every install
+takes and never drifts from "create from scratch". Steps use frozen copies of the models as
+they were at that version, never the live models in models.py.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+
+from peewee import (AutoField, BigAutoField, BooleanField, CharField, DateField, DateTimeField,
+                    ForeignKeyField, IntegerField, JSONField, Model, PostgresqlDatabase, TextField,
+                    UUIDField)
+from playhouse.migrate import SchemaMigrator, migrate as apply_operations
+
+from .models import SchemaVersion, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def _v1_models(database):
+    """The schema as first released."""
+
+    class Base(Model):
+        class Meta:
+            database = None
+            legacy_table_names = False
+
+    class ApiKey(Base):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        prefix = CharField(max_length=16, unique=True)
+        key_hash = CharField(max_length=64)
+        role = CharField(max_length=16)
+        label = CharField(max_length=200, default="")
+        created_at = DateTimeField(default=utcnow)
+        revoked_at = DateTimeField(null=True)
+
+        class Meta:
+            table_name = "api_key"
+
+    class Patient(Base):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        name = TextField()
+        birth_date = DateField(null=True)
+        mrn = CharField(max_length=64, null=True, unique=True)
+        sex = CharField(max_length=16, null=True)
+        created_at = DateTimeField(default=utcnow, index=True)
+        updated_at = DateTimeField(default=utcnow)
+
+    class Screening(Base):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        patient = ForeignKeyField(Patient, backref="screenings", on_delete="CASCADE")
+        eye = CharField(max_length=8)
+        captured_at = DateTimeField(null=True)
+        camera = CharField(max_length=200, null=True)
+        image_key = CharField(max_length=200, unique=True)
+        image_size = IntegerField()
+        image_sha256 = CharField(max_length=64)
+        content_type = CharField(max_length=64)
+        status = CharField(max_length=16, default="pending")
+        created_at = DateTimeField(default=utcnow)
+        updated_at = DateTimeField(default=utcnow)
+
+    class Grading(Base):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        screening = ForeignKeyField(Screening, backref="gradings", on_delete="CASCADE")
+        model_name = CharField(max_length=100)
+        model_version = CharField(max_length=50)
+        gradable = BooleanField()
+        grade = IntegerField(null=True)
+        label = CharField(max_length=100, null=True)
+        probabilities = JSONField(null=True)
+        referable = BooleanField(null=True)
+        referable_threshold = IntegerField(null=True)
+        quality = JSONField()
+        synthetic_training_data = BooleanField(default=False)
+        disclaimer = TextField(null=True)
+        created_at = DateTimeField(default=utcnow)
+
+    class AuditEvent(Base):
+        id = BigAutoField()
+        at = DateTimeField(default=utcnow)
+        actor_key_id = UUIDField(null=True)
+        actor_prefix = CharField(max_length=16, null=True)
+        action = CharField(max_length=64)
+        resource_type = CharField(max_length=32)
+        resource_id = UUIDField(null=True)
+        patient_id = UUIDField(null=True)
+        request_id = CharField(max_length=64)
+        outcome = CharField(max_length=16)
+
+        class Meta:
+            table_name = "audit_event"
+
+    class SchemaVersionV1(Base):
+        id = AutoField()
+        version = IntegerField()
+        applied_at = DateTimeField(default=utcnow)
+
+        class Meta:
+            table_name = "schema_version"
+
+    models = [ApiKey, Patient, Screening, Grading, AuditEvent, SchemaVersionV1]
+    database.bind(models, bind_refs=False, bind_backrefs=False)
+    return {m.__name__: m for m in models}
+
+
+def create_v1(database) -> None:
+    database.create_tables(list(_v1_models(database).values()))
+
+
+def upgrade_v1_to_v2(database) -> None:
+    """Idempotent uploads, a grading lease, timings, and the indexes listing needs."""
+    v1 = _v1_models(database)
+    migrator = SchemaMigrator.from_database(database)
+    apply_operations(
+        migrator.add_column("screening", "created_by_id", ForeignKeyField(
+            v1["ApiKey"], field=v1["ApiKey"].id, null=True, on_delete="SET NULL")),
+        migrator.add_column("screening", "idempotency_key", CharField(max_length=255, null=True)),
+        migrator.add_column("screening", "request_fingerprint", CharField(max_length=64, null=True)),
+        migrator.add_column("screening", "grading_started_at", DateTimeField(null=True)),
+        migrator.add_column("grading", "timings", JSONField(null=True)),
+    )
+    for sql in (
+        "CREATE INDEX screening_patient_created ON screening (patient_id, created_at DESC, id DESC)",
+        "CREATE UNIQUE INDEX screening_idempotency ON screening (created_by_id, idempotency_key)",
+        "CREATE INDEX screening_status ON screening (status)",
+        "CREATE INDEX audit_event_patient ON audit_event (patient_id, id)",
+    ):
+        database.execute_sql(sql)
+
+
+STEPS = {1: create_v1, 2: upgrade_v1_to_v2}
+LATEST = max(STEPS)
+
+
+def current_version(database) -> int:
+    if not database.table_exists("schema_version"):
+        return 0
+    with database.bind_ctx([SchemaVersion]):
+        row = SchemaVersion.select().order_by(SchemaVersion.version.desc()).first()
+    return row.version if row else 0
+
+
+def migrate(database, target: int = LATEST) -> list[int]:
+    """Bring the schema up to `target`; returns the versions applied. Safe to run from several
+    processes at once: each step runs in one transaction under a lock, and re-reads the version."""
+    applied = []
+    for version in sorted(v for v in STEPS if v <= target):
+        with database.atomic(*_lock_args(database)):
+            _lock(database)
+            if current_version(database) >= version:
+                continue
+            log.info("migrating schema", extra={"schema_version": version})
+            STEPS[version](database)
+            with database.bind_ctx([SchemaVersion]):
+                SchemaVersion.create(version=version)
+            applied.append(version)
+    return applied
+
+
+def _lock_args(database) -> tuple:
+    # SQLite: take the write lock up front so two migrators cannot interleave.
+    return () if isinstance(database, PostgresqlDatabase) else ("IMMEDIATE",)
+
+
+def _lock(database) -> None:
+    if isinstance(database, PostgresqlDatabase):
+        database.execute_sql("SELECT pg_advisory_xact_lock(727001)")

@@ -1,0 +1,137 @@
+"""Database models. Public ids are UUIDs; timestamps are naive UTC (see `utcnow`).
+
+PHI lives only in Patient (name, birth_date, mrn). Every other table refers to patients by
+UUID, so audit rows, object keys, logs and metrics never need PHI.
+The schema itself is built and upgraded by migrations.py, not by create_tables().
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from peewee import (AutoField, BigAutoField, BooleanField, CharField, DateField, DateTimeField,
+                    ForeignKeyField, IntegerField, JSONField, Model, TextField, UUIDField)
+
+from .db import db
+
+EYES = ("left", "right")
+SEXES = ("female", "male", "other", "unknown")
+STATUSES = ("pending", "graded", "ungradable", "failed")
+ROLES = ("clinician", "admin", "auditor")
+
+
+def utcnow() -> datetime:
+    """Naive UTC: PostgreSQL `timestamp` and SQLite text both store it without surprises."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class ApiKey(BaseModel):
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    prefix = CharField(max_length=16, unique=True)  # the visible part, used for lookup and in logs
+    key_hash = CharField(max_length=64)  # sha256 of the whole token; the token itself is never stored
+    role = CharField(max_length=16)
+    label = CharField(max_length=200, default="")
+    created_at = DateTimeField(default=utcnow)
+    revoked_at = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "api_key"
+
+
+class Patient(BaseModel):
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    name = TextField()
+    birth_date = DateField(null=True)
+    mrn = CharField(max_length=64, null=True, unique=True)  # medical record number
+    sex = CharField(max_length=16, null=True)
+    created_at = DateTimeField(default=utcnow, index=True)
+    updated_at = DateTimeField(default=utcnow)
+
+
+class Screening(BaseModel):
+    """One photograph of one eye."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    patient = ForeignKeyField(Patient, backref="screenings", on_delete="CASCADE")
+    eye = CharField(max_length=8)
+    captured_at = DateTimeField(null=True)
+    camera = CharField(max_length=200, null=True)
+    image_key = CharField(max_length=200, unique=True)
+    image_size = IntegerField()
+    image_sha256 = CharField(max_length=64)
+    content_type = CharField(max_length=64)
+    status = CharField(max_length=16, default="pending")
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+    # Added in schema v2.
+    created_by = ForeignKeyField(ApiKey, null=True, on_delete="SET NULL")
+    idempotency_key = CharField(max_length=255, null=True)
+    request_fingerprint = CharField(max_length=64, null=True)  # sha256 of what the upload asked for
+    grading_started_at = DateTimeField(null=True)  # lease: who is asking TorchServe right now
+
+    def history(self) -> list["Grading"]:
+        return list(self.gradings.order_by(Grading.created_at.desc(), Grading.id.desc()))
+
+    @property
+    def latest_grading(self) -> "Grading | None":
+        # Listing pages set _latest for a whole page in one query (see blueprints/screenings.py).
+        if not hasattr(self, "_latest"):
+            self._latest = self.gradings.order_by(Grading.created_at.desc(), Grading.id.desc()).first()
+        return self._latest
+
+
+class Grading(BaseModel):
+    """One model run on one screening; re-grading adds a row, history is kept."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    screening = ForeignKeyField(Screening, backref="gradings", on_delete="CASCADE")
+    model_name = CharField(max_length=100)
+    model_version = CharField(max_length=50)
+    gradable = BooleanField()
+    grade = IntegerField(null=True)
+    label = CharField(max_length=100, null=True)
+    probabilities = JSONField(null=True)
+    referable = BooleanField(null=True)
+    referable_threshold = IntegerField(null=True)
+    quality = JSONField()
+    synthetic_training_data = BooleanField(default=False)
+    disclaimer = TextField(null=True)
+    created_at = DateTimeField(default=utcnow)
+    # Added in schema v2.
+    timings = JSONField(null=True)
+
+
+class AuditEvent(BaseModel):
+    """Who touched which patient data, when, and how it went. UUIDs only, never PHI."""
+
+    id = BigAutoField()
+    at = DateTimeField(default=utcnow)
+    actor_key_id = UUIDField(null=True)
+    actor_prefix = CharField(max_length=16, null=True)
+    action = CharField(max_length=64)
+    resource_type = CharField(max_length=32)
+    resource_id = UUIDField(null=True)
+    patient_id = UUIDField(null=True)
+    request_id = CharField(max_length=64)
+    outcome = CharField(max_length=16)
+
+    class Meta:
+        table_name = "audit_event"
+
+
+class SchemaVersion(BaseModel):
+    id = AutoField()
+    version = IntegerField()
+    applied_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "schema_version"
+
+
+MODELS = (ApiKey, Patient, Screening, Grading, AuditEvent, SchemaVersion)

@@ -1,0 +1,215 @@
+"""Request and response schemas (marshmallow), used both to validate and to write the OpenAPI doc."""
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+import marshmallow as ma
+from flask_smorest.fields import Upload
+from marshmallow import fields, validate
+
+from .models import EYES, SEXES, STATUSES
+
+MODEL_VERSION = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$",
+                                error="A model version is letters, digits, '.', '_' or '-'.")
+
+
+class UTCDateTime(fields.DateTime):
+    """ISO-8601 in and out. Stored as naive UTC; input without an offset is taken as UTC."""
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc).isoformat().replace("+00:00", "Z")
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        parsed = super()._deserialize(value, attr, data, **kwargs)
+        if parsed.tzinfo is not None:
+            parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+        return parsed
+
+
+class Schema(ma.Schema):
+    class Meta:
+        unknown = ma.RAISE
+
+
+def _not_future_date(value: date) -> None:
+    if value > date.today() or value < date(1900, 1, 1):
+        raise ma.ValidationError("Must be a date between 1900-01-01 and today.")
+
+
+def _not_future_time(value: datetime) -> None:
+    if value > datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(days=1):
+        raise ma.ValidationError("Must not be in the future.")
+
+
+class PatientFields(Schema):
+    name = fields.String(validate=validate.Length(min=1, max=200))
+    birth_date = fields.Date(allow_none=True, validate=_not_future_date)
+    medical_record_number = fields.String(attribute="mrn", allow_none=True,
+                                          validate=validate.Length(min=1, max=64))
+    sex = fields.String(allow_none=True, validate=validate.OneOf(SEXES))
+
+    @ma.pre_load
+    def strip(self, data, **kwargs):
+        if isinstance(data, dict):
+            return {k: v.strip() if isinstance(v, str) else v for k, v in data.items()}
+        return data
+
+
+class PatientCreate(PatientFields):
+    name = fields.String(required=True, validate=validate.Length(min=1, max=200))
+
+
+class PatientUpdate(PatientFields):
+    @ma.validates_schema
+    def not_empty(self, data, **kwargs):
+        if not data:
+            raise ma.ValidationError("Give at least one field to change.")
+        if "name" in data and data["name"] is None:
+            raise ma.ValidationError("name cannot be null.", "name")
+
+
+class Patient(PatientFields):
+    id = fields.UUID(dump_only=True)
+    created_at = UTCDateTime(dump_only=True)
+    updated_at = UTCDateTime(dump_only=True)
+
+
+class PageArgs(Schema):
+    cursor = fields.String(validate=validate.Length(max=200),
+                           metadata={"description": "next_cursor from the previous page"})
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+
+
+class PatientPage(Schema):
+    items = fields.List(fields.Nested(Patient))
+    next_cursor = fields.String(allow_none=True)
+
+
+class ModelRef(Schema):
+    name = fields.String()
+    version = fields.String()
+    synthetic_training_data = fields.Boolean()
+
+
+class Grading(Schema):
+    id = fields.UUID()
+    model = fields.Function(lambda g: {"name": g.model_name, "version": g.model_version,
+                                       "synthetic_training_data": g.synthetic_training_data},
+                            metadata={"type": "object"})
+    gradable = fields.Boolean()
+    grade = fields.Integer(allow_none=True, metadata={"description": "ICDR grade 0-4"})
+    label = fields.String(allow_none=True)
+    probabilities = fields.List(fields.Float(), allow_none=True)
+    referable = fields.Boolean(allow_none=True)
+    referable_threshold = fields.Integer(allow_none=True)
+    quality = fields.Dict()
+    timings_ms = fields.Dict(attribute="timings", allow_none=True)
+    disclaimer = fields.String(allow_none=True, metadata={
+        "description": "Set when the model was trained on synthetic data: not for clinical use."})
+    created_at = UTCDateTime()
+
+
+class ImageInfo(Schema):
+    content_type = fields.String()
+    size = fields.Integer()
+    sha256 = fields.String()
+    url = fields.String(metadata={"description": "GET it (with the API key) for the original bytes"})
+
+
+class Screening(Schema):
+    id = fields.UUID()
+    patient_id = fields.UUID(attribute="patient_id")
+    eye = fields.String(validate=validate.OneOf(EYES))
+    captured_at = UTCDateTime(allow_none=True)
+    camera = fields.String(allow_none=True)
+    status = fields.String(validate=validate.OneOf(STATUSES))
+    image = fields.Function(lambda s: {
+        "content_type": s.content_type, "size": s.image_size, "sha256": s.image_sha256,
+        "url": f"/api/v1/patients/{s.patient_id}/screenings/{s.id}/image"}, metadata={"type": "object"})
+    result = fields.Nested(Grading, allow_none=True, attribute="latest_grading",
+                           metadata={"description": "the latest grading; null while pending"})
+    created_at = UTCDateTime()
+    updated_at = UTCDateTime()
+
+
+class ScreeningDetail(Screening):
+    gradings = fields.Function(lambda s: Grading(many=True).dump(s.history()), metadata={
+        "type": "array", "description": "every grading of this photograph, newest first"})
+
+
+class ScreeningPage(Schema):
+    items = fields.List(fields.Nested(Screening))
+    next_cursor = fields.String(allow_none=True)
+
+
+class ScreeningUpload(Schema):
+    image = Upload(required=True, metadata={"description": "JPEG, PNG or TIFF, stored unchanged"})
+    eye = fields.String(required=True, validate=validate.OneOf(EYES))
+    captured_at = UTCDateTime(validate=_not_future_time,
+                              metadata={"description": "ISO-8601; without an offset it is taken as UTC"})
+    camera = fields.String(validate=validate.Length(min=1, max=200))
+
+
+class GradeRequest(Schema):
+    model_version = fields.String(validate=MODEL_VERSION, metadata={
+        "description": "a registered version (admin only); the default version when left out"})
+
+
+class EyeSummary(Schema):
+    screening_id = fields.UUID()
+    status = fields.String()
+    captured_at = UTCDateTime(allow_none=True)
+    gradable = fields.Boolean(allow_none=True)
+    grade = fields.Integer(allow_none=True)
+    label = fields.String(allow_none=True)
+    referable = fields.Boolean(allow_none=True)
+    quality = fields.Dict(allow_none=True)
+    model = fields.Dict(allow_none=True)
+    disclaimer = fields.String(allow_none=True)
+
+
+class Summary(Schema):
+    patient_id = fields.UUID()
+    outcome = fields.String(validate=validate.OneOf(("refer", "retake", "rescreen_12_months", "pending")))
+    message = fields.String()
+    eyes = fields.Dict(keys=fields.String(), values=fields.Nested(EyeSummary, allow_none=True))
+    disclaimer = fields.String(allow_none=True)
+
+
+class ModelVersion(Schema):
+    version = fields.String()
+    default = fields.Boolean()
+    ready_workers = fields.Integer()
+    workers = fields.Integer()
+    batch_size = fields.Integer(allow_none=True)
+    max_batch_delay_ms = fields.Integer(allow_none=True)
+
+
+class Models(Schema):
+    model = fields.String()
+    default_version = fields.String(allow_none=True)
+    versions = fields.List(fields.Nested(ModelVersion))
+
+
+class AuditArgs(PageArgs):
+    patient_id = fields.UUID()
+
+
+class AuditEvent(Schema):
+    id = fields.Integer()
+    at = UTCDateTime()
+    actor_key_id = fields.UUID(allow_none=True)
+    actor_prefix = fields.String(allow_none=True)
+    action = fields.String()
+    resource_type = fields.String()
+    resource_id = fields.UUID(allow_none=True)
+    patient_id = fields.UUID(allow_none=True)
+    request_id = fields.String()
+    outcome = fields.String()
+
+
+class AuditPage(Schema):
+    items = fields.List(fields.Nested(AuditEvent))
+    next_cursor = fields.String(allow_none=True)

@@ -1,0 +1,115 @@
+"""Every setting the API and its gunicorn config read, in one place, from the environment.
+
+`ENV_VARS` is the list `.env.example` must match; a test compares them, so a setting added
+here without documenting it there fails the suite.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+
+class SettingsError(ValueError):
+    """A setting is present but unusable; the message names the variable."""
+
+
+def _cpu_workers() -> int:
+    # gunicorn's rule of thumb (2 x cores + 1) overshoots on big hosts: each worker holds
+    # database connections and up to threads x MAX_UPLOAD_BYTES of request bodies.
+    return min(2 * (os.cpu_count() or 1) + 1, 8)
+
+
+def setting(env: str, default, doc: str):
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    debug: bool = setting("DEBUG", False, "Flask debug mode; never in production")
+    host: str = setting("HOST", "127.0.0.1", "address gunicorn binds")
+    port: int = setting("PORT", 8000, "port gunicorn binds")
+    log_level: str = setting("LOG_LEVEL", "INFO", "level for the JSON log lines")
+    database_url: str = setting("DATABASE_URL", "sqlite:///var/clarity.db", "peewee db_url")
+    storage_backend: str = setting("STORAGE_BACKEND", "local", "where images go: local or s3")
+    local_storage_dir: str = setting("LOCAL_STORAGE_DIR", "var/images", "image directory (local backend)")
+    aws_region: str = setting("AWS_REGION", "us-east-1", "S3 region")
+    s3_bucket_name: str = setting("S3_BUCKET_NAME", "clarity-images", "S3 bucket for images")
+    s3_endpoint_url: str = setting("S3_ENDPOINT_URL", "", "S3 endpoint; empty means AWS")
+    s3_presign_ttl_seconds: int = setting("S3_PRESIGN_TTL_SECONDS", 300, "lifetime of image download URLs")
+    torchserve_inference_url: str = setting("TORCHSERVE_INFERENCE_URL", "http://127.0.0.1:8080", "")
+    torchserve_management_url: str = setting("TORCHSERVE_MANAGEMENT_URL", "http://127.0.0.1:8081", "")
+    torchserve_model_name: str = setting("TORCHSERVE_MODEL_NAME", "dr", "registered model name")
+    torchserve_timeout_seconds: float = setting("TORCHSERVE_TIMEOUT_SECONDS", 30.0, "per prediction")
+    max_upload_bytes: int = setting("MAX_UPLOAD_BYTES", 20 * 1024 * 1024, "largest accepted image")
+    cors_origins: tuple = setting("CORS_ORIGINS", (), "comma-separated origins allowed by CORS")
+    upload_rate_limit: str = setting("UPLOAD_RATE_LIMIT", "60/minute", "uploads per API key")
+    rate_limit_storage_uri: str = setting("RATE_LIMIT_STORAGE_URI", "memory://", "flask-limiter storage")
+    web_concurrency: int = setting("WEB_CONCURRENCY", 0, "gunicorn workers; 0 means min(2 x cores + 1, 8)")
+    gunicorn_threads: int = setting("GUNICORN_THREADS", 4, "threads per gunicorn worker")
+    gunicorn_timeout: int = setting("GUNICORN_TIMEOUT", 0, "worker timeout; 0 means TorchServe's + 30 s")
+    prometheus_multiproc_dir: str = setting("PROMETHEUS_MULTIPROC_DIR", "", "metrics files of gunicorn workers")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _parse(f.metadata["env"], f.type, raw.strip())
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self):
+        if self.storage_backend not in ("local", "s3"):
+            raise SettingsError(f"STORAGE_BACKEND must be 'local' or 's3', not {self.storage_backend!r}")
+        if self.storage_backend == "s3" and not self.s3_bucket_name:
+            raise SettingsError("S3_BUCKET_NAME is required when STORAGE_BACKEND=s3")
+        for name in ("port", "max_upload_bytes", "s3_presign_ttl_seconds", "gunicorn_threads"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{_env(name)} must be positive")
+        if self.torchserve_timeout_seconds <= 0:
+            raise SettingsError("TORCHSERVE_TIMEOUT_SECONDS must be positive")
+        if isinstance(self.cors_origins, str):
+            object.__setattr__(self, "cors_origins", _origins(self.cors_origins))
+
+    @property
+    def workers(self) -> int:
+        return self.web_concurrency or _cpu_workers()
+
+    @property
+    def worker_timeout(self) -> int:
+        # A worker blocked on a slow TorchServe call must not be killed before the call times out.
+        return self.gunicorn_timeout or int(self.torchserve_timeout_seconds) + 30
+
+
+def _env(name: str) -> str:
+    return next(f.metadata["env"] for f in fields(Settings) if f.name == name)
+
+
+def _origins(raw: str) -> tuple:
+    return tuple(o.strip() for o in raw.split(",") if o.strip())
+
+
+def _parse(env: str, kind, raw: str):
+    kind = kind if isinstance(kind, str) else kind.__name__
+    try:
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "tuple":
+            return _origins(raw)
+        return raw
+    except ValueError:
+        raise SettingsError(f"{env}={raw!r} is not a valid {kind}") from None
+
+
+ENV_VARS: tuple[str, ...] = tuple(f.metadata["env"] for f in fields(Settings))

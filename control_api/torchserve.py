@@ -1,0 +1,159 @@
+"""The one module that talks to TorchServe.
+
+TorchServe is archived upstream; moving to another server (e.g. one speaking the Open
+Inference Protocol) means rewriting this file and nothing else. The rest of the API sees
+`TorchServeClient.predict()` returning the prediction dict of docs/contracts.md §4,
+`models()` and `ready()`, and the three exceptions below.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import requests
+from flask import current_app
+from requests.adapters import HTTPAdapter
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from . import metrics
+
+
+class TorchServeUnavailable(Exception):
+    """Down, timed out, overloaded or answering 5xx: try again later."""
+
+
+class ImageRejected(Exception):
+    """The model server refused this one image (its 4xx); retrying will not help."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class UnknownModelVersion(Exception):
+    def __init__(self, version: str | None):
+        super().__init__(f"model version {version!r} is not registered")
+        self.version = version
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    default: bool
+    ready_workers: int
+    workers: int
+    batch_size: int | None
+    max_batch_delay_ms: int | None
+
+
+# Only a refused or reset connection is retried: the request never reached a worker, so
+# asking again cannot double any work. A timeout is not retried, it already cost the budget.
+_retry_connect = retry(retry=retry_if_exception_type(requests.ConnectionError),
+                       stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.1, max=0.5),
+                       reraise=True)
+
+
+class TorchServeClient:
+    def __init__(self, inference_url: str, management_url: str, model_name: str, timeout: float,
+                 pool_size: int = 16):
+        self.inference_url = inference_url.rstrip("/")
+        self.management_url = management_url.rstrip("/")
+        self.model_name = model_name
+        self.timeout = timeout
+        # One pooled session per process: keep-alive saves a TCP handshake per prediction.
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def predict(self, image: bytes, content_type: str, version: str | None = None) -> dict:
+        url = f"{self.inference_url}/predictions/{self.model_name}" + (f"/{version}" if version else "")
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            response = self._post(url, image, content_type)
+            outcome = str(response.status_code)
+            return self._prediction(response, version)
+        except requests.Timeout:
+            outcome = "timeout"
+            raise TorchServeUnavailable(f"TorchServe did not answer within {self.timeout:g} s") from None
+        except requests.ConnectionError:
+            outcome = "unreachable"
+            raise TorchServeUnavailable("TorchServe is unreachable") from None
+        finally:
+            metrics.TORCHSERVE_SECONDS.labels("predict", outcome).observe(time.perf_counter() - started)
+
+    @_retry_connect
+    def _post(self, url: str, image: bytes, content_type: str) -> requests.Response:
+        return self.session.post(url, data=image, headers={"Content-Type": content_type},
+                                 timeout=(3, self.timeout))
+
+    def _prediction(self, response: requests.Response, version: str | None) -> dict:
+        body = _json(response)
+        if response.status_code == 200 and isinstance(body, dict) and "gradable" in body:
+            return body
+        if response.status_code == 404 and isinstance(body, dict) and body.get("type") == "ModelNotFoundException":
+            raise UnknownModelVersion(version)
+        if response.status_code in (400, 413, 415, 422):
+            # Our handler answers {"code": "...", "message": "..."}; TorchServe's own 413 is bare.
+            body = body if isinstance(body, dict) else {}
+            code = body.get("code") if isinstance(body.get("code"), str) else "rejected_by_model_server"
+            raise ImageRejected(response.status_code, code,
+                                body.get("message") or "The model server refused the image.")
+        raise TorchServeUnavailable(f"TorchServe answered {response.status_code}")
+
+    @_retry_connect
+    def _get(self, path: str) -> requests.Response:
+        return self.session.get(f"{self.management_url}{path}", timeout=(3, 10))
+
+    def describe(self, version: str | None = None) -> list[dict]:
+        """TorchServe's model description (GET /models/NAME[/VERSION])."""
+        path = f"/models/{self.model_name}" + (f"/{version}" if version else "")
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            response = self._get(path)
+            outcome = str(response.status_code)
+        except requests.RequestException:
+            outcome = "unreachable"
+            raise TorchServeUnavailable("TorchServe management API is unreachable") from None
+        finally:
+            metrics.TORCHSERVE_SECONDS.labels("describe", outcome).observe(time.perf_counter() - started)
+        if response.status_code == 404:
+            raise UnknownModelVersion(version)
+        if response.status_code != 200 or not isinstance(_json(response), list):
+            raise TorchServeUnavailable(f"TorchServe management answered {response.status_code}")
+        return response.json()
+
+    def models(self) -> list[ModelVersion]:
+        default = {m.get("modelVersion") for m in self.describe()}
+        versions = []
+        for m in self.describe("all"):
+            workers = m.get("workers") or []
+            versions.append(ModelVersion(
+                version=str(m.get("modelVersion")), default=m.get("modelVersion") in default,
+                ready_workers=sum(1 for w in workers if w.get("status") == "READY"),
+                workers=len(workers), batch_size=m.get("batchSize"), max_batch_delay_ms=m.get("maxBatchDelay"),
+            ))
+        return versions
+
+    def ready(self) -> bool:
+        """The default version has a READY worker (TorchServe's /ping is healthy before that)."""
+        return any(w.get("status") == "READY" for m in self.describe() for w in m.get("workers") or [])
+
+
+def _json(response: requests.Response):
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def from_settings(settings) -> TorchServeClient:
+    return TorchServeClient(settings.torchserve_inference_url, settings.torchserve_management_url,
+                            settings.torchserve_model_name, settings.torchserve_timeout_seconds,
+                            pool_size=max(4, settings.gunicorn_threads * 2))
+
+
+def get_client() -> TorchServeClient:
+    return current_app.extensions["clarity"]["torchserve"]

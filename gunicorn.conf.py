@@ -1,0 +1,50 @@
+"""gunicorn settings for the control API, all from the environment (control_api/settings.py).
+
+Run: gunicorn -c gunicorn.conf.py control_api.wsgi:app
+"""
+import glob
+import os
+
+from control_api.settings import Settings
+
+settings = Settings.from_env()
+
+bind = f"{settings.host}:{settings.port}"
+workers = settings.workers
+# Threads: an upload spends most of its time waiting on TorchServe, not on the CPU.
+worker_class = "gthread"
+threads = settings.gunicorn_threads
+# Above TorchServe's timeout, so a slow prediction ends as a 202, not as a killed worker.
+timeout = settings.worker_timeout
+graceful_timeout = 30
+keepalive = 5
+# Request line and headers only: bodies are capped by MAX_UPLOAD_BYTES inside the app.
+limit_request_line = 4094
+limit_request_fields = 64
+limit_request_field_size = 8190
+# Recycle workers now and then (with jitter so they do not all restart at once).
+max_requests = 2000
+max_requests_jitter = 200
+
+# JSON lines on stdout/stderr; the access line carries the path without its query string.
+logger_class = "control_api.logs.GunicornLogger"
+accesslog = "-"
+errorlog = "-"
+loglevel = settings.log_level.lower()
+# A TLS-terminating proxy on the same host may say the original scheme.
+forwarded_allow_ips = "127.0.0.1"
+
+
+def on_starting(server):
+    # Counters of a previous run's workers would otherwise be summed into this run's.
+    if settings.prometheus_multiproc_dir:
+        os.makedirs(settings.prometheus_multiproc_dir, exist_ok=True)
+        for path in glob.glob(os.path.join(settings.prometheus_multiproc_dir, "*.db")):
+            os.remove(path)
+
+
+def child_exit(server, worker):
+    if settings.prometheus_multiproc_dir:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,176 @@
+"""Fixtures for the control API.
+
+Unit tests: `app` and `client` on SQLite in tmp, local image storage in tmp and a fake
+TorchServe client (FakeTorchServe). Integration tests use the real services through
+`api_env` and `live_api` (gunicorn with real TorchServe, S3 and PostgreSQL when asked).
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from control_api import create_app, migrations
+from control_api.auth import create_key
+from control_api.db import db
+from control_api.settings import Settings
+from control_api.torchserve import ImageRejected, ModelVersion, TorchServeUnavailable, UnknownModelVersion
+
+REPO = Path(__file__).resolve().parents[2]
+DISCLAIMER = "Demo model trained on synthetic images. Not for clinical use."
+
+
+class FakeTorchServe:
+    """Answers like TorchServe's DR model (docs/contracts.md §4). Set `mode` to 'grade',
+    'ungradable', 'down' or 'reject', and `grade` to the grade to return."""
+
+    model_name = "dr"
+
+    def __init__(self):
+        self.mode = "grade"
+        self.grade = 1
+        self.versions = ("1.0", "2.0")
+        self.default_version = "1.0"
+        self.calls: list[dict] = []
+
+    def predict(self, image: bytes, content_type: str, version: str | None = None) -> dict:
+        self.calls.append({"bytes": len(image), "content_type": content_type, "version": version})
+        if self.mode == "down":
+            raise TorchServeUnavailable("TorchServe is unreachable")
+        if self.mode == "reject":
+            raise ImageRejected(422, "truncated_image", "The image data ends early.")
+        if version is not None and version not in self.versions:
+            raise UnknownModelVersion(version)
+        model = {"name": "dr", "version": version or self.default_version, "synthetic_training_data": True}
+        answer = {"grade": None, "label": None, "probabilities": None, "referable": None,
+                  "referable_threshold": 2, "gradable": False,
+                  "quality": {"gradable": False, "score": 0.2,
+                              "reasons": [{"code": "too_dark", "message": "The image is too dark."}]},
+                  "model": model, "disclaimer": DISCLAIMER,
+                  "timings_ms": {"decode": 1.0, "preprocess": 1.0, "inference": None}}
+        if self.mode == "grade":
+            probabilities = [0.02] * 5
+            probabilities[self.grade] = 0.92
+            labels = ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"]
+            answer.update(grade=self.grade, label=labels[self.grade], probabilities=probabilities,
+                          referable=self.grade >= 2, gradable=True,
+                          quality={"gradable": True, "score": 0.9, "reasons": []},
+                          timings_ms={"decode": 1.0, "preprocess": 1.0, "inference": 2.0})
+        return answer
+
+    def models(self) -> list[ModelVersion]:
+        if self.mode == "down":
+            raise TorchServeUnavailable("TorchServe management API is unreachable")
+        return [ModelVersion(v, v == self.default_version, 1, 1, 1, 0) for v in self.versions]
+
+    def ready(self) -> bool:
+        if self.mode == "down":
+            raise TorchServeUnavailable("TorchServe management API is unreachable")
+        return True
+
+
+def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (256, 256), color=(120, 40, 20)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def api_settings(tmp_path) -> Settings:
+    return Settings.from_env({}, database_url=f"sqlite:///{tmp_path / 'clarity.db'}",
+                             local_storage_dir=str(tmp_path / "images"))
+
+
+@pytest.fixture
+def fake_torchserve() -> FakeTorchServe:
+    return FakeTorchServe()
+
+
+@pytest.fixture
+def app(api_settings, fake_torchserve):
+    app = create_app(api_settings, torchserve=fake_torchserve)
+    app.config["TESTING"] = True
+    with app.app_context():
+        migrations.migrate(db.obj)
+    yield app
+    if not db.is_closed():
+        db.close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def make_key(app):
+    """make_key(role) -> headers with a fresh API key of that role."""
+
+    def make(role: str = "clinician") -> dict:
+        with app.app_context():
+            _, token = create_key(role, f"test {role}")
+        return {"Authorization": f"Bearer {token}"}
+
+    return make
+
+
+@pytest.fixture
+def clinician(make_key) -> dict:
+    return make_key("clinician")
+
+
+@pytest.fixture
+def patient(client, clinician) -> dict:
+    response = client.post("/api/v1/patients", headers=clinician, json={
+        "name": "Ada Testpatient", "birth_date": "1961-03-04", "medical_record_number": "MRN-0042", "sex": "female"})
+    assert response.status_code == 201, response.json
+    return response.json
+
+
+def upload(client, headers, patient_id, data: bytes, *, eye="left", filename="eye.jpg", extra_headers=None,
+           **fields):
+    form = {"image": (io.BytesIO(data), filename), "eye": eye, **fields}
+    return client.post(f"/api/v1/patients/{patient_id}/screenings", headers={**headers, **(extra_headers or {})},
+                       data=form, content_type="multipart/form-data")
+
+
+# --- integration: the real API under gunicorn -------------------------------------------------
+
+def flask_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """Run `flask --app control_api ARGS` in a subprocess with this environment."""
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "control_api", *args], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture
+def api_env(tmp_path):
+    """Settings for a live API on SQLite and local storage; tests add S3/PostgreSQL/TorchServe."""
+    return {"DATABASE_URL": f"sqlite:///{tmp_path / 'clarity.db'}", "STORAGE_BACKEND": "local",
+            "LOCAL_STORAGE_DIR": str(tmp_path / "images"), "LOG_LEVEL": "INFO",
+            "TORCHSERVE_TIMEOUT_SECONDS": "20", "UPLOAD_RATE_LIMIT": "1000/minute"}
+
+
+@pytest.fixture
+def live_api(tmp_path):
+    """live_api(env) -> a started scripts.services.Gunicorn after `flask migrate`; stopped at teardown."""
+    from scripts.services import Gunicorn
+
+    started = []
+
+    def start(env: dict, workers: int = 2):
+        result = flask_cli(env, "migrate")
+        assert result.returncode == 0, result.stderr
+        server = Gunicorn(tmp_path / f"gunicorn{len(started)}", env, workers=workers)
+        started.append(server)
+        return server.start(timeout=60)
+
+    yield start
+    for server in started:
+        server.stop()
