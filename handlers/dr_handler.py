@@ -179,12 +179,16 @@ class DRHandler(BaseHandler):
 
 
 def _image_bytes(row) -> bytes:
-    """The image of one request: raw body, `data`, or any multipart field holding bytes."""
+    """The image of one request: `data`, the raw body, or else the largest multipart field.
+
+    Multipart text fields (say eye=left) arrive as bytes too; a photograph is always the largest.
+    """
     value = row
     if isinstance(row, dict):
         value = row.get("data") or row.get("body")
         if not isinstance(value, (bytes, bytearray)):
-            value = next((v for v in row.values() if isinstance(v, (bytes, bytearray)) and v), value)
+            blobs = [v for v in row.values() if isinstance(v, (bytes, bytearray)) and v]
+            value = max(blobs, key=len) if blobs else value
     if isinstance(value, str):  # a text body: let the decoder say it is not an image
         value = value.encode("utf-8", "replace")
     if isinstance(value, (bytes, bytearray)) and value:

@@ -145,11 +145,14 @@ def wait_ready(api: Management, name: str, version: str, timeout: float = 120) -
 def register(api: Management, mar: str, *, model_store: Path, name: str | None = None,
              version: str | None = None, workers: int | None = None, wait: bool = True,
              timeout: float = 120) -> tuple[str, str]:
-    """Register an archive that lies in TorchServe's model store, by file name."""
+    """Register an archive from TorchServe's model store (a path is sent as its file name).
+
+    A URL is passed on as it is: TorchServe's allowed_urls decides, and ours allows none remote.
+    """
     if not (name and version):
         found = archive_identity(mar, model_store)
         name, version = name or found[0], version or found[1]
-    params = {"url": Path(mar).name, "synchronous": "true"}
+    params = {"url": mar if "://" in mar else Path(mar).name, "synchronous": "true"}
     if workers is not None:
         params["initial_workers"] = workers
     api.call("POST", "/models", **params)

@@ -14,7 +14,7 @@ import torch
 from handlers import fundus
 from handlers.model import DRNet
 from scripts import archive
-from scripts.services import TorchServe
+from scripts.services import TorchServe, free_port
 
 GRADE_LABELS = ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"]
 TINY_ARCH, TINY_INPUT = "mobilenet_v3_small", 128
@@ -79,8 +79,10 @@ def torchserve(tmp_path_factory, model_store):
     Tests that register, promote or scale must put things back as they found them (version
     1.0 default, 2.0 unregistered, one worker) since later tests share this server.
     """
+    # gRPC cannot be switched off in 0.12: give it free ports so parallel servers don't clash on 7070.
+    grpc = {"grpc_inference_port": free_port(), "grpc_management_port": free_port()}
     server = TorchServe(tmp_path_factory.mktemp("torchserve"), model_store, models="dr=dr_1.0.mar",
-                        env={"DR_TORCH_THREADS": "1"})
+                        overrides=grpc, env={"DR_TORCH_THREADS": "1"})
     server.start(timeout=120)
     try:
         server.wait_model_ready("dr", "1.0", timeout=120)
