@@ -73,7 +73,7 @@ def authenticate() -> ApiKey:
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("Send an API key as 'Authorization: Bearer <key>'.")
     token = token.strip()
-    parts = token.split("_")
+    parts = token.split("_", 2)  # the secret itself may contain "_"
     if len(parts) != 3 or parts[0] != "cic":
         raise _unauthorized("The API key is not valid.")
     key = ApiKey.get_or_none(ApiKey.prefix == parts[1])

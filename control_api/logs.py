@@ -36,6 +36,10 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # Werkzeug's own request lines would repeat ours, with raw paths and query strings.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    # Even at LOG_LEVEL=DEBUG: peewee's debug lines carry SQL parameters (names, birth dates,
+    # record numbers) and botocore's carry whole requests.
+    for name in ("peewee", "botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
 
 
 class GunicornLogger(_GunicornLogger):

@@ -174,3 +174,13 @@ def live_api(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def fresh_pg_url(pg_database):
+    """An empty PostgreSQL database for one test (fails, never skips, without PostgreSQL)."""
+    from scripts.services import PostgresDatabase
+
+    scratch = PostgresDatabase(pg_database.admin_url, prefix="clarity_api").create()
+    yield scratch.url
+    scratch.drop()  # DROP ... WITH (FORCE) ends connections left in pools
