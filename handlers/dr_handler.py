@@ -76,6 +76,8 @@ class DRHandler(BaseHandler):
 
     def handle(self, data, context):
         self.context = context
+        if self._is_describe():  # GET /models/NAME/VERSION?customized=true
+            return [self.describe_handle()]
         answers: list = [None] * len(data)
         ready: dict[bool, list] = {False: [], True: []}  # explain? -> [(idx, Prepared)]
         for idx, row in enumerate(data):
@@ -101,6 +103,10 @@ class DRHandler(BaseHandler):
                 self._grade(items, explain, answers)
         self._observe("DRBatchSize", len(data))
         return answers
+
+    def describe_handle(self) -> str:
+        """model_meta.json as TorchServe's `customizedMetadata`: provenance without the model card."""
+        return json.dumps(self.meta)
 
     def _wants_explanation(self, idx: int) -> bool:
         # The frontend marks /explanations requests with this header, per request.

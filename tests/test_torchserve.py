@@ -115,6 +115,13 @@ def test_custom_metrics_reach_prometheus(torchserve):
         assert sum(metric_samples(torchserve, f"{histogram}_count").values()) > 0
 
 
+def test_model_description_carries_model_meta(torchserve):
+    r = requests.get(f"{torchserve.management_url}/models/dr/1.0", params={"customized": "true"}, timeout=10)
+    assert r.status_code == 200
+    meta = r.json()[0]["customizedMetadata"]  # TorchServe embeds the JSON it got
+    assert meta["version"] == "1.0" and meta["synthetic"] is True and len(meta["weights_sha256"]) == 64
+
+
 def test_remote_and_outside_urls_are_refused_for_registration(torchserve, model_store):
     api = models.Management(torchserve.management_url)
     for url in ("http://example.com/dr_9.mar", "https://127.0.0.1:1/dr_9.mar", "file:///etc/passwd"):
