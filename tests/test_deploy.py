@@ -209,7 +209,7 @@ def test_task_definition_is_hardened_and_observable(name):
         user = c.get("user", "")
         assert user and user.split(":")[0] not in ("0", "root"), f"{c['name']} must run as a non-root user"
         assert c.get("readonlyRootFilesystem") is True
-        assert {m["containerPath"] for m in c.get("mountPoints", [])} == {"/tmp"}, "/tmp is the one writable path"
+        assert "/tmp" in {m["containerPath"] for m in c.get("mountPoints", [])}, "/tmp must stay writable"
         assert {m["sourceVolume"] for m in c["mountPoints"]} <= writable
         assert c["linuxParameters"]["capabilities"]["drop"] == ["ALL"]
         log = c["logConfiguration"]
@@ -553,7 +553,8 @@ def test_serve_image_builds_the_demo_archive_with_the_archive_tool(serve_df):
     version = serve_df.stage_args("archive")["MODEL_VERSION"]
     assert archive.mar_path(Path(out), name, version).name == f"dr_{version}.mar"
     (baked,) = [cp for cp in copies(serve_df) if cp.from_stage == "archive"]
-    assert baked.sources == [out + "/"] and baked.dest.rstrip("/") == container_ts_config()["model_store"]
+    assert baked.sources == [out + "/"]
+    assert baked.dest.rstrip("/") == serve_df.env(serve_df.final_stage)["BAKED_MODELS"]
     entry = (DEPLOY / "torchserve" / "entrypoint.sh").read_text()
     assert "dr=dr_${MODEL_VERSION" in entry, "the entrypoint registers the baked archive by default"
 
@@ -574,6 +575,10 @@ def test_serve_image_torchserve_config(serve_df, repo_ts_config, compose, defaul
     store = cfg["model_store"]
     assert env["MODEL_STORE"] == store and env["TS_CONFIG_FILE"] == "/home/model-server/config.properties"
     assert any(v.endswith(f":{store}") for v in compose["services"]["torchserve"]["volumes"])
+    (c,) = read_json(TASK_DEFINITIONS["torchserve"])["containerDefinitions"]
+    assert store in {m["containerPath"] for m in c["mountPoints"]}, "ECS: the store is a writable volume too"
+    volumes = " ".join(i.args for i in serve_df.of("VOLUME", serve_df.final_stage))
+    assert store in volumes and "/tmp" in volumes
     assert copied_to(serve_df, "metrics.yaml") == cfg["metrics_config"]
     allowed = re.compile(cfg["allowed_urls"])
     assert allowed.fullmatch(f"file://{store}/dr_1.1.mar")
@@ -744,22 +749,25 @@ def test_healthcheck_plain_url(fake_server):
 
 @pytest.mark.integration
 def test_entrypoint_serves_the_model_and_stops_cleanly_on_sigterm(tmp_path, model_store):
-    """entrypoint.sh + the container config + log4j2.xml with a real TorchServe: READY, then SIGTERM.
+    """entrypoint.sh + the container config + log4j2.xml with a real TorchServe: the empty store
+    is seeded with the baked archive, the model gets a READY worker, SIGTERM stops everything.
 
     Only the image's absolute paths and the bind addresses differ (loopback ports through
     TS_<PROPERTY> variables, which the container config's enable_envvars_config allows).
     """
     from scripts.services import free_port, wait_for
 
-    store = tmp_path / "model-store"
+    store, baked = tmp_path / "model-store", tmp_path / "baked"
     store.mkdir()
-    shutil.copy(model_store / "dr_1.0.mar", store / "dr_1.0.mar")
+    baked.mkdir()
+    shutil.copy(model_store / "dr_1.0.mar", baked / "dr_1.0.mar")
     config = tmp_path / "config.properties"
     config.write_text((REPO / "config.properties").read_text() + "\n"
                       + (DEPLOY / "torchserve" / "container.properties").read_text())
     ports = {kind: free_port() for kind in ("INFERENCE", "MANAGEMENT", "METRICS")}
     (tmp_path / "tmp").mkdir()
-    env = {**os.environ, "TS_CONFIG_FILE": str(config), "MODEL_STORE": str(store), "MODEL_VERSION": "1.0",
+    env = {**os.environ, "TS_CONFIG_FILE": str(config), "MODEL_STORE": str(store), "BAKED_MODELS": str(baked),
+           "MODEL_VERSION": "1.0",
            "SERVE_LOG_CONFIG": str(DEPLOY / "torchserve" / "log4j2.xml"), "TEMP": str(tmp_path / "tmp"),
            "TS_METRICS_CONFIG": str(REPO / "metrics.yaml"), "DR_TORCH_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -776,6 +784,7 @@ def test_entrypoint_serves_the_model_and_stops_cleanly_on_sigterm(tmp_path, mode
         assert proc.poll() is None, output[-3000:]
         assert " MODEL_LOG - " in output, "worker output must reach stdout, where the awslogs driver collects it"
         assert not (tmp_path / "logs").exists(), "no log files: the root filesystem is read-only"
+        assert (store / "dr_1.0.mar").read_bytes() == (baked / "dr_1.0.mar").read_bytes(), "the store is seeded"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
         assert not _group_alive(proc.pid), "Java or a worker outlived the entrypoint"

@@ -9,6 +9,7 @@ set -eu
 
 : "${TS_CONFIG_FILE:=/home/model-server/config.properties}"
 : "${MODEL_STORE:=/home/model-server/model-store}"
+: "${BAKED_MODELS:=/home/model-server/baked}"
 : "${SERVE_LOG_CONFIG:=/home/model-server/log4j2.xml}"
 : "${TEMP:=/tmp}"
 export TS_CONFIG_FILE TEMP
@@ -22,6 +23,14 @@ fi
 
 # TEMP holds the pid file `torchserve --stop` looks for and the unpacked archives.
 mkdir -p "$TEMP"
+
+# The model store is a volume. Add the archives baked into this image that it lacks: a named
+# volume keeps what it first held, so a rebuilt image's new archive would otherwise be missing.
+# Archive versions are immutable, so one already there is never replaced.
+for mar in "$BAKED_MODELS"/*.mar; do
+  [ -e "$mar" ] || continue
+  [ -e "$MODEL_STORE/${mar##*/}" ] || cp "$mar" "$MODEL_STORE/"
+done
 
 # SERVE_MODELS is a space-separated list: word splitting is wanted here.
 # shellcheck disable=SC2086
