@@ -45,14 +45,20 @@ def free_port(plus: tuple[int, ...] = ()) -> int:
     raise RuntimeError("no free port found")
 
 
+class ServiceExited(RuntimeError):
+    """The process being waited on has died: waiting longer cannot help."""
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
-    """Poll until predicate() is true; exceptions count as 'not yet'."""
+    """Poll until predicate() is true; exceptions count as 'not yet', except ServiceExited."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             if predicate():
                 return
+        except ServiceExited:
+            raise
         except Exception as exc:  # the service is still coming up
             last = exc
         time.sleep(interval)
@@ -191,7 +197,7 @@ class SeaweedS3(Process):
         # The port answers before authorization is ready: only a successful PUT means ready.
         def put_works() -> bool:
             if not self.running:
-                raise RuntimeError("weed exited")
+                raise ServiceExited("weed exited")
             try:
                 s3.create_bucket(Bucket=self.bucket)
             except s3.exceptions.BucketAlreadyOwnedByYou:
@@ -228,6 +234,7 @@ class TorchServe(Process):
         self.base_config = Path(config)
         self.overrides = dict(overrides or {})
         self.ports = ports or (free_port(), free_port(), free_port())
+        self.grpc_ports = (free_port(), free_port())
         inf, mgmt, met = self.ports
         self.inference_url = f"http://127.0.0.1:{inf}"
         self.management_url = f"http://127.0.0.1:{mgmt}"
@@ -248,6 +255,9 @@ class TorchServe(Process):
             "management_address": f"http://127.0.0.1:{mgmt}",
             "metrics_address": f"http://127.0.0.1:{met}",
             "model_store": str(self.model_store),
+            # gRPC cannot be switched off in 0.12; fixed 7070/7071 would collide between instances.
+            "grpc_inference_port": str(self.grpc_ports[0]),
+            "grpc_management_port": str(self.grpc_ports[1]),
             # Registration may name archives in this store only (no remote URLs: the ShellTorch class).
             "allowed_urls": f"file://{self.model_store}/.*",
         })
@@ -277,7 +287,7 @@ class TorchServe(Process):
     def wait_ready(self, timeout: float) -> None:
         def ping() -> bool:
             if not self.running:
-                raise RuntimeError("torchserve exited")
+                raise ServiceExited("torchserve exited")
             return _http_ok(f"{self.inference_url}/ping")
 
         wait_for(ping, timeout, f"TorchServe on {self.inference_url}")
@@ -293,7 +303,7 @@ class TorchServe(Process):
 
         def ready() -> bool:
             if not self.running:
-                raise RuntimeError("torchserve exited")
+                raise ServiceExited("torchserve exited")
             return any(w.get("status") == "READY" for m in self.model_status(name, version)
                        for w in m.get("workers", []))
 
@@ -348,7 +358,7 @@ class Gunicorn(Process):
     def wait_ready(self, timeout: float) -> None:
         def healthy() -> bool:
             if not self.running:
-                raise RuntimeError("gunicorn exited")
+                raise ServiceExited("gunicorn exited")
             return _http_ok(f"{self.url}/healthz")
 
         wait_for(healthy, timeout, f"gunicorn on {self.url}")
