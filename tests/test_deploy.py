@@ -27,9 +27,10 @@ import yaml
 from botocore.validate import ParamValidator
 
 from tests.deploy_parsing import (address_port, copied_to, copies, distributions_for, dockerignore_patterns,
-                                  dockerignored, exposed_ports, healthcheck_command, image_user, installed_closure, interpolate,
-                                  nginx_seconds, nginx_size, parse_dockerfile, parse_nginx, parse_properties,
-                                  pins, requirement_names, setup_cfg_requirements, third_party_imports)
+                                  dockerignored, exposed_ports, healthcheck_command, image_user,
+                                  installed_closure, interpolate, nginx_seconds, nginx_size, parse_dockerfile,
+                                  parse_nginx, parse_properties, pins, requirement_names, setup_cfg_requirements,
+                                  third_party_imports)
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -562,8 +563,9 @@ def test_serve_image_builds_the_demo_archive_with_the_archive_tool(serve_df):
 def test_serve_image_torchserve_config(serve_df, repo_ts_config, compose, default_settings):
     cfg = container_ts_config()
     runs = re.sub(r"\s+", " ", " ".join(i.args for i in serve_df.of("RUN", serve_df.final_stage)))
-    assert re.search(r"cat \S*/config\.properties; echo; cat \S*/container\.properties; \} > /home/model-server/config\.properties", runs), \
-        "the Dockerfile must merge the configs the way this test reads them"
+    merge = (r"cat \S*/config\.properties; echo; cat \S*/container\.properties; \} "
+             r"> /home/model-server/config\.properties")
+    assert re.search(merge, runs), "the Dockerfile must merge the configs the way this test reads them"
     for kind, port in ts_ports(repo_ts_config).items():
         host, container_port = address_port(cfg[f"{kind}_address"])
         assert (host, container_port) == ("0.0.0.0", port), kind
