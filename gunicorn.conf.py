@@ -33,6 +33,9 @@ errorlog = "-"
 loglevel = settings.log_level.lower()
 # A TLS-terminating proxy on the same host may say the original scheme.
 forwarded_allow_ips = "127.0.0.1"
+# gunicorn 27's control socket sits at one fixed path under $HOME: instances would share it,
+# it fails on a read-only root filesystem, and nothing here uses it.
+control_socket_disable = True
 
 
 def on_starting(server):

@@ -46,6 +46,8 @@ class ModelVersion:
     max_batch_delay_ms: int | None
 
 
+NOT_FOUND = ("ModelNotFoundException", "ModelVersionNotFoundException")
+
 # Only a refused or reset connection is retried: the request never reached a worker, so
 # asking again cannot double any work. A timeout is not retried, it already cost the budget.
 _retry_connect = retry(retry=retry_if_exception_type(requests.ConnectionError),
@@ -92,7 +94,7 @@ class TorchServeClient:
         body = _json(response)
         if response.status_code == 200 and isinstance(body, dict) and "gradable" in body:
             return body
-        if response.status_code == 404 and isinstance(body, dict) and body.get("type") == "ModelNotFoundException":
+        if response.status_code == 404 and isinstance(body, dict) and body.get("type") in NOT_FOUND:
             raise UnknownModelVersion(version)
         if response.status_code in (400, 413, 415, 422):
             # Our handler answers {"code": "...", "message": "..."}; TorchServe's own 413 is bare.
