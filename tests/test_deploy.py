@@ -773,7 +773,9 @@ def test_entrypoint_serves_the_model_and_stops_cleanly_on_sigterm(tmp_path, mode
            "SERVE_LOG_CONFIG": str(DEPLOY / "torchserve" / "log4j2.xml"), "TEMP": str(tmp_path / "tmp"),
            "TS_METRICS_CONFIG": str(REPO / "metrics.yaml"), "DR_TORCH_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           **{f"TS_{k}_ADDRESS": f"http://127.0.0.1:{p}" for k, p in ports.items()}}
+           **{f"TS_{k}_ADDRESS": f"http://127.0.0.1:{p}" for k, p in ports.items()},
+           # gRPC (always on in 0.12, loopback in the config): free ports, so parallel servers never clash.
+           "TS_GRPC_INFERENCE_PORT": str(free_port()), "TS_GRPC_MANAGEMENT_PORT": str(free_port())}
     env.pop("TMPDIR", None)
     log = open(tmp_path / "stdout.log", "wb")
     proc = subprocess.Popen(["sh", str(DEPLOY / "torchserve" / "entrypoint.sh")], env=env, cwd=tmp_path,
