@@ -319,11 +319,14 @@ def retina_mask(img_size: tuple, disc: Disc, size: int, radius: float | None = 1
     """Bool [size, size] for crop_disc's output: True inside the frame and, unless radius is None,
     inside radius x the disc radius. Training augmenting a crop applies the same geometry to it."""
     x0, y0, side, cx, cy, r = _crop_box(img_size, disc)
-    c = (np.arange(size, dtype=np.float32) + 0.5) * (side / size)  # pixel centres, source pixels
-    xs, ys = c + x0, c + y0
-    mask = ((ys >= 0) & (ys < img_size[1]))[:, None] & ((xs >= 0) & (xs < img_size[0]))[None, :]
+    edges = np.arange(size + 1, dtype=np.float32) * (side / size)  # output pixel edges, in source pixels
+    # whole footprint inside the frame: a pixel half made of black padding is not retina
+    in_x = (edges[:-1] + x0 >= 0) & (edges[1:] + x0 <= img_size[0])
+    in_y = (edges[:-1] + y0 >= 0) & (edges[1:] + y0 <= img_size[1])
+    mask = in_y[:, None] & in_x[None, :]
     if radius is not None:
-        mask &= ((xs - cx) ** 2)[None, :] + ((ys - cy) ** 2)[:, None] <= (radius * r) ** 2
+        c = (edges[:-1] + edges[1:]) / 2
+        mask &= ((c + x0 - cx) ** 2)[None, :] + ((c + y0 - cy) ** 2)[:, None] <= (radius * r) ** 2
     return mask
 
 

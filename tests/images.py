@@ -23,13 +23,15 @@ def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
 
 # ------------------------------------------------------------------ pictures
 
-def fundus_like(size=(800, 600), seed: int = 0, diameter: float = 1.06) -> Image.Image:
+def fundus_like(size=(800, 600), seed: int = 0, diameter: float = 1.06,
+                center: tuple = (0.5, 0.5)) -> Image.Image:
     """A synthetic colour fundus photograph: an orange-red disc (diameter x frame height, so cut at the
     top and bottom like most cameras) on black, with vignetting, an optic disc, a macula, branching
-    vessels, a camera notch and fine texture. It passes the quality gate."""
+    vessels, a camera notch and fine texture. It passes the quality gate. The disc's centre is at
+    `center` (fractions of width and height) and its radius is diameter * height / 2."""
     rng = np.random.default_rng(seed)
     w, h = size
-    cx, cy, r = w / 2, h / 2, diameter * h / 2
+    cx, cy, r = center[0] * w, center[1] * h, diameter * h / 2
     yy, xx = np.mgrid[:h, :w].astype(np.float32)
     d = np.hypot(xx - cx, yy - cy) / r
     shade = np.clip(1.0 - 0.45 * d ** 2, 0, 1)
@@ -199,6 +201,7 @@ def bad_inputs() -> dict:
         "truncated_png": (encode(small, "PNG")[:2000], "truncated_image", 422),
         "png_bomb_40000": (png_bomb(), "image_too_large", 413),
         "png_bomb_9000": (png_bomb(9000, 9000), "image_too_large", 413),
+        "png_bomb_10000": (png_bomb(10000, 10000), "image_too_large", 413),  # Pillow warns here
         "tiny_1x1": (encode(Image.new("RGB", (1, 1), (200, 80, 30)), "PNG"), "image_too_small", 422),
         "animated_gif": (animated_gif(), "unsupported_format", 415),
         "bmp": (encode(small, "BMP"), "unsupported_format", 415),
