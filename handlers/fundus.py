@@ -103,7 +103,7 @@ class Disc:
     @property
     def bbox(self) -> tuple:
         """Square (left, top, right, bottom) around the circle; may reach outside the image."""
-        x0, y0, side = round(self.cx - self.r), round(self.cy - self.r), max(1, round(2 * self.r))
+        x0, y0, side, *_ = _crop_box(self.image_size, self)
         return (x0, y0, x0 + side, y0 + side)
 
     @property
@@ -183,7 +183,7 @@ def decode(data: bytes, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
             raise ImageRejected("corrupt_image", 422, f"The {fmt} data could not be decoded.") from None
     img = _to_rgb(img)
     factor = min(img.size) // min_side
-    if factor >= 2:  # PNG/TIFF have no draft mode; a box reduction is the cheap equivalent
+    if factor >= 2:  # PNG/TIFF have no draft mode and JPEG's stops at 1/8: a box reduction does the rest
         img = img.reduce(factor)
     return img
 
@@ -225,7 +225,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         out = Image.new("RGB", rgba.size)
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out
-    return img.convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError:  # e.g. LAB, which Pillow cannot convert
+        raise ImageRejected("unsupported_format", 415, f"{img.mode} images are not accepted.") from None
 
 
 # ---------------------------------------------------------------- the disc
@@ -233,9 +236,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def find_disc(img: Image.Image) -> Disc | None:
     """Fit a circle to the bright field of view; None when there is no bright region on a dark border.
 
-    Works on a copy reduced to about FIND_SIZE pixels wide. The circle is fitted to the left/right end of every
-    row and top/bottom end of every column of the bright mask, skipping ends that touch the frame, so
-    discs cut off at the top and bottom (the usual case) are measured from their curved sides.
+    Works on a copy reduced to about FIND_SIZE pixels wide. The circle is fitted to the left/right end
+    of every row and the top/bottom end of every column of the bright mask, skipping ends that touch the
+    frame, so discs cut off at the top and bottom (the usual case) are measured from their curved sides.
     """
     factor = max(1, round(max(img.size) / FIND_SIZE))
     a = np.asarray(img.reduce(factor) if factor > 1 else img)

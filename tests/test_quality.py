@@ -122,7 +122,8 @@ def test_verdict_is_deterministic(photos):
     assert verdict(img) == verdict(img.copy())
 
 
-@pytest.mark.parametrize("name,factor", [("idrid_12.jpg", 4), ("idrid_01.jpg", 6), ("right_normal_600.jpg", 2)])
+@pytest.mark.parametrize("name,factor", [("idrid_12.jpg", 4), ("idrid_01.jpg", 6),
+                                         ("right_normal_600.jpg", 2)])
 def test_verdict_does_not_depend_on_the_source_size(photos, name, factor):
     """The same photograph at full resolution, as decoded, and reduced (the disc still at least
     ANALYSIS_SIZE wide) gets the same measurements and verdict."""
