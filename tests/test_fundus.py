@@ -236,7 +236,7 @@ def test_crop_pads_cut_discs_with_black_and_masks_them(decoded):
     mask = fundus.retina_mask(img.size, disc, 224, None)
     a = np.asarray(crop)
     assert crop.size == (224, 224)
-    assert not mask[0].any() and not mask[-1].any() and mask[112].all()  # cut top/bottom rows
+    assert not mask[0].any() and not mask[-1].any() and mask[112].mean() > 0.97  # cut top and bottom
     assert a[0].max() == 0 and a[-1].max() == 0
     assert a[mask].mean() > 60
 
