@@ -58,8 +58,9 @@ def inspect(data: bytes) -> ImageInfo:
                 img.load()
     except ApiError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(422, "image_too_large", f"The image has more than {MAX_PIXELS} pixels.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         raise ApiError(422, "undecodable_image",
                        f"The file looks like {fmt} but cannot be decoded (truncated or corrupt?).") from None
     return ImageInfo(fmt, content_type, width, height)

@@ -6,6 +6,7 @@ from datetime import date, datetime, timedelta, timezone
 import marshmallow as ma
 from flask_smorest.fields import Upload
 from marshmallow import fields, validate
+from werkzeug.datastructures import FileStorage
 
 from .models import EYES, SEXES, STATUSES
 
@@ -144,8 +145,15 @@ class ScreeningPage(Schema):
     next_cursor = fields.String(allow_none=True)
 
 
+class ImageFile(Upload):
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, FileStorage):
+            raise ma.ValidationError("Send the photograph as a file part, not as a text field.")
+        return value
+
+
 class ScreeningUpload(Schema):
-    image = Upload(required=True, metadata={"description": "JPEG, PNG or TIFF, stored unchanged"})
+    image = ImageFile(required=True, metadata={"description": "JPEG, PNG or TIFF, stored unchanged"})
     eye = fields.String(required=True, validate=validate.OneOf(EYES))
     captured_at = UTCDateTime(validate=_not_future_time,
                               metadata={"description": "ISO-8601; without an offset it is taken as UTC"})

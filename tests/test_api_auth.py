@@ -4,7 +4,6 @@ import re
 import uuid
 
 import pytest
-from click.testing import CliRunner
 
 from control_api import create_app
 from control_api.auth import CLINICAL, PUBLIC

@@ -2,7 +2,6 @@
 import dataclasses
 
 import peewee
-import pytest
 
 from control_api import create_app, migrations
 from control_api.db import db

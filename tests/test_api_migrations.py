@@ -1,5 +1,4 @@
 """The schema is built by migrations only, and upgrading an old database keeps its rows."""
-import uuid
 from datetime import date, datetime
 
 import pytest

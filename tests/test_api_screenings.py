@@ -117,9 +117,9 @@ def test_bad_form_fields_are_422(client, clinician, patient, fields, bad):
     assert bad in response.json["error"]["details"]["multipart"]
 
 
-def test_missing_image_is_422(client, clinician, patient):
-    response = client.post(url(patient["id"]), headers=clinician, data={"eye": "left"},
-                           content_type="multipart/form-data")
+@pytest.mark.parametrize("form", [{"eye": "left"}, {"eye": "left", "image": "a text field"}])
+def test_missing_image_file_is_422(client, clinician, patient, form):
+    response = client.post(url(patient["id"]), headers=clinician, data=form, content_type="multipart/form-data")
     assert response.status_code == 422
     assert "image" in response.json["error"]["details"]["multipart"]
 
@@ -341,3 +341,19 @@ def test_upload_rate_limit_is_per_api_key(api_settings, fake_torchserve, make_ke
     assert upload(client, second, pid, image_bytes()).status_code == 201
     # Reads are not limited.
     assert client.get(f"/api/v1/patients/{pid}/screenings", headers=first).status_code == 200
+
+
+def test_decompression_bomb_is_422_without_decoding(client, clinician, patient, fake_torchserve):
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    # A PNG header claiming 20000 x 20000 pixels (400 MP) with almost no data behind it.
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    response = upload(client, clinician, patient["id"], bomb)
+    assert response.status_code == 422
+    assert response.json["error"]["code"] == "image_too_large"
+    assert fake_torchserve.calls == []
