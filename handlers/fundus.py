@@ -343,6 +343,7 @@ def _crop_box(img_size: tuple, disc: Disc) -> tuple:
 def to_tensor(rgb: Image.Image, mask: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
     """RGB crop -> normalised float32 [3, S, S]; pixels outside the mask become neutral."""
     a = _planes(rgb)  # channel planes throughout: numpy is slow on a trailing axis of length 3
+    mask = np.asarray(mask, dtype=bool)  # `~` on a 0/255 uint8 mask would be a bitwise not
     fill = 0.0
     if cfg.ben_graham:
         # 4 * (img - local mean) + 128 with sigma = radius / 30. The local mean is taken over the retina
