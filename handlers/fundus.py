@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+# Inside a .mar every handler file is a top-level module: try that first so a worker runs the
+# code it was archived with even when the repository is on PYTHONPATH too.
 try:
-    from handlers import quality
-except ImportError:  # inside the .mar every handler file is a top-level module
     import quality
+except ImportError:
+    from handlers import quality
 
 # Sniffed from the bytes, never from a file name or a content type.
 _MAGIC = (
