@@ -99,8 +99,7 @@ def app(api_settings, fake_torchserve):
     with app.app_context():
         migrations.migrate(db.obj)
     yield app
-    if not db.is_closed():
-        db.close()
+    db.close_all()  # the pool's connections, not just this thread's
 
 
 @pytest.fixture
