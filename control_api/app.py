@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
@@ -35,6 +36,9 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
     """`storage` and `torchserve` replace the backends the settings name (tests pass fakes)."""
     settings = settings or Settings.from_env()
     logs.configure(settings.log_level)
+    if settings.prometheus_multiproc_dir:
+        # CLI commands import the app too, where gunicorn's on_starting has not made it.
+        os.makedirs(settings.prometheus_multiproc_dir, exist_ok=True)
     app = Flask(__name__, static_folder=None)
     app.config.update(
         DEBUG=settings.debug,
