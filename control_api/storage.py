@@ -227,6 +227,9 @@ class S3Storage(Storage):
             raise StorageUnavailable(f"S3 list {prefix} failed") from exc
 
     def download_url(self, key, *, content_type):
+        # Presigning is local arithmetic and succeeds with S3 down or the object gone; a HEAD
+        # first makes those a 503 or 404 here instead of a link that fails for the client.
+        self._call("head", key, self.client.head_object, Key=_check_key(key))
         return self.client.generate_presigned_url(
             "get_object", ExpiresIn=self.presign_ttl,
             Params={"Bucket": self.bucket, "Key": _check_key(key), "ResponseContentType": content_type},
