@@ -1,6 +1,7 @@
 """Request and response schemas (marshmallow), used both to validate and to write the OpenAPI doc."""
 from __future__ import annotations
 
+import unicodedata
 from datetime import date, datetime, timedelta, timezone
 
 import marshmallow as ma
@@ -34,6 +35,17 @@ class Schema(ma.Schema):
         unknown = ma.RAISE
 
 
+def _no_control_characters(value: str) -> None:
+    # PostgreSQL text cannot hold NUL (the insert fails), and terminal escapes or line breaks
+    # have no place in a name, a record number or a camera model.
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ma.ValidationError("Must not contain control characters.")
+
+
+def text(min: int, max: int) -> list:
+    return [validate.Length(min=min, max=max), _no_control_characters]
+
+
 def _not_future_date(value: date) -> None:
     if value > date.today() or value < date(1900, 1, 1):
         raise ma.ValidationError("Must be a date between 1900-01-01 and today.")
@@ -45,10 +57,9 @@ def _not_future_time(value: datetime) -> None:
 
 
 class PatientFields(Schema):
-    name = fields.String(validate=validate.Length(min=1, max=200))
+    name = fields.String(validate=text(1, 200))
     birth_date = fields.Date(allow_none=True, validate=_not_future_date)
-    medical_record_number = fields.String(attribute="mrn", allow_none=True,
-                                          validate=validate.Length(min=1, max=64))
+    medical_record_number = fields.String(attribute="mrn", allow_none=True, validate=text(1, 64))
     sex = fields.String(allow_none=True, validate=validate.OneOf(SEXES))
 
     @ma.pre_load
@@ -59,7 +70,7 @@ class PatientFields(Schema):
 
 
 class PatientCreate(PatientFields):
-    name = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    name = fields.String(required=True, validate=text(1, 200))
 
 
 class PatientUpdate(PatientFields):
@@ -157,7 +168,7 @@ class ScreeningUpload(Schema):
     eye = fields.String(required=True, validate=validate.OneOf(EYES))
     captured_at = UTCDateTime(validate=_not_future_time,
                               metadata={"description": "ISO-8601; without an offset it is taken as UTC"})
-    camera = fields.String(validate=validate.Length(min=1, max=200))
+    camera = fields.String(validate=text(1, 200))
 
 
 class GradeRequest(Schema):
