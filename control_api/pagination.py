@@ -11,9 +11,27 @@ from peewee import DateTimeField, Field, UUIDField
 
 from .errors import ApiError
 
+
+def _bigint(value) -> int:
+    # Integer keys are BIGINT ids: a float, a bool or a number out of range came from no
+    # cursor of ours (and an out-of-range number fails inside the database driver).
+    if type(value) is not int or not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError("not a BIGINT")
+    return value
+
+
+def _from_text(parse):
+    def decode(value):
+        if not isinstance(value, str):
+            raise ValueError("not a string")
+        return parse(value)
+
+    return decode
+
+
 # How each sort-key value is written into a cursor and read back.
 _ENCODE = {datetime: datetime.isoformat, uuid.UUID: str, int: int}
-_DECODE = {datetime: datetime.fromisoformat, uuid.UUID: uuid.UUID, int: int}
+_DECODE = {datetime: _from_text(datetime.fromisoformat), uuid.UUID: _from_text(uuid.UUID), int: _bigint}
 
 
 def _encode(values: list) -> str:
