@@ -3,9 +3,11 @@ uploads: form fields and files validated by one schema and documented as one req
 from __future__ import annotations
 
 import flask_smorest
-from webargs.flaskparser import FlaskParser
+from webargs.flaskparser import FlaskParser, abort, is_json_request
 from webargs.multidictproxy import MultiDictProxy
 from werkzeug.datastructures import CombinedMultiDict
+
+from ..errors import ApiError
 
 
 class Parser(FlaskParser):
@@ -15,6 +17,15 @@ class Parser(FlaskParser):
 
     def load_multipart(self, req, schema):
         return MultiDictProxy(CombinedMultiDict([req.form, req.files]), schema)
+
+    def _raw_load_json(self, req):
+        if not is_json_request(req) and req.content_length:
+            # webargs would ignore the body and report every required field as missing.
+            raise ApiError(415, "unsupported_media_type", "Send the body as JSON (Content-Type: application/json).")
+        try:
+            return super()._raw_load_json(req)
+        except RecursionError:  # json.loads recurses once per level of nesting
+            abort(400, messages={"json": ["The JSON body is nested too deeply."]})
 
 
 class Blueprint(flask_smorest.Blueprint):
