@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.plugins.services",
     "tests.plugins.model",
     "tests.plugins.api",
+    "tests.plugins.stack",
 ]
 
 

@@ -1,0 +1,504 @@
+"""Load test of the whole stack, started here on loopback: PostgreSQL (a scratch database on the
+local server), SeaweedFS S3, TorchServe and the API under gunicorn.
+
+    python -m scripts.load --screenings 2000 --concurrency 16 [--out docs/load] [--workers 2]
+
+It uploads photographs (the samples/ JPEGs, each made unique by a trailer after the JPEG end
+marker) with an Idempotency-Key, samples the RSS of every process, then checks that nothing was
+lost: every 201/202 has its row with the client's SHA-256, every object reads back with that
+SHA-256 (`flask check-storage`), no object lacks a row and no screening was graded twice.
+Pending screenings (TorchServe too slow) are graded afterwards with `flask grade-pending`.
+Exit status 1 on any error or loss. Results go to OUT/load_<screenings>x<concurrency>.{json,md}.
+
+The model is the demo model when models/demo/checkpoint.pt exists, otherwise the tiny random
+model the test fixtures serve. Either way it is trained on synthetic (or no) data: its grades
+mean nothing clinically, and this command measures the machinery, not the model.
+
+`PrivateStack` is also what the fault, security and contract tests start (tests/plugins/stack.py).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import requests
+
+from scripts.services import REPO, Gunicorn, PostgresDatabase, SeaweedS3, TorchServe
+
+DEMO_CHECKPOINT = REPO / "models" / "demo" / "checkpoint.pt"
+SAMPLES = REPO / "samples"
+MODEL_VERSION = "1.0"
+
+
+class PrivateStack:
+    """The API under gunicorn with everything behind it, on loopback.
+
+    Services passed in are used as they are and left running at stop(); the others are started
+    here and stopped at stop(). `api_env` overrides the API's environment (e.g. a DATABASE_URL
+    through a fault-injecting proxy): `self.env` is what gunicorn and the CLI get, while
+    `self.database_url` always reaches PostgreSQL directly, for checks.
+    """
+
+    def __init__(self, workdir: Path, model_store: Path, *, torchserve: TorchServe | None = None,
+                 s3: SeaweedS3 | None = None, database: PostgresDatabase | None = None,
+                 api_env: dict | None = None, workers: int = 2, torch_threads: int = 1):
+        self.workdir = Path(workdir)
+        self.model_store = Path(model_store)
+        self.torchserve, self.s3, self.database = torchserve, s3, database
+        self.owned: list = []
+        self.api_env = dict(api_env or {})
+        self.workers = workers
+        self.torch_threads = torch_threads
+        self.api: Gunicorn | None = None
+        self.env: dict = {}
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url
+
+    def start(self) -> "PrivateStack":
+        try:
+            if self.database is None:
+                self.database = PostgresDatabase(prefix="clarity_stack").create()
+                self.owned.append(self.database)
+            if self.s3 is None:
+                self.s3 = SeaweedS3(self.workdir / "seaweedfs")
+                self.owned.append(self.s3)
+                self.s3.start(timeout=60)
+            if self.torchserve is None:
+                self.torchserve = TorchServe(self.workdir / "torchserve", self.model_store,
+                                             models=f"dr=dr_{MODEL_VERSION}.mar",
+                                             env={"DR_TORCH_THREADS": str(self.torch_threads)})
+                self.owned.append(self.torchserve)
+                self.torchserve.start(timeout=120)
+                self.torchserve.wait_model_ready("dr", MODEL_VERSION, timeout=120)
+            self.env = {
+                "DATABASE_URL": self.database.url, **self.s3.settings_env(),
+                "TORCHSERVE_INFERENCE_URL": self.torchserve.inference_url,
+                "TORCHSERVE_MANAGEMENT_URL": self.torchserve.management_url,
+                "LOG_LEVEL": "INFO", "UPLOAD_RATE_LIMIT": "100000/minute", **self.api_env,
+            }
+            result = self.cli("migrate")
+            if result.returncode != 0:
+                raise RuntimeError(f"flask migrate failed: {result.stderr}")
+            self.api = Gunicorn(self.workdir / "gunicorn", self.env, workers=self.workers)
+            self.api.start(timeout=60)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+        for service in reversed(self.owned):
+            if isinstance(service, PostgresDatabase):
+                service.drop()
+            else:
+                service.stop()
+        self.owned.clear()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return self.api.url
+
+    def cli(self, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+        """`flask --app control_api ARGS` with the API's environment."""
+        return subprocess.run([sys.executable, "-m", "flask", "--app", "control_api", *args], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO), **self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
+
+    def key(self, role: str) -> dict:
+        """Headers with a new API key of this role, made by `flask keys create`."""
+        result = self.cli("keys", "create", "--role", role, "--label", f"stack {role}")
+        if result.returncode != 0:
+            raise RuntimeError(f"keys create failed: {result.stderr}")
+        return {"Authorization": f"Bearer {result.stdout.strip()}"}
+
+    def log_files(self) -> list[Path]:
+        """Every log these processes wrote: gunicorn (the app's stdout and stderr too),
+        TorchServe's frontend, model and access logs, SeaweedFS."""
+        paths = [self.api.log_path] if self.api else []
+        if self.torchserve is not None:
+            paths += [self.torchserve.log_path, *sorted(self.torchserve.log_dir.glob("*"))]
+        if self.s3 is not None:
+            paths.append(self.s3.log_path)
+        return [p for p in paths if p.is_file()]
+
+    # ---------------------------------------------------------------- what is stored
+
+    def rows(self) -> dict[str, dict]:
+        """screening id -> {image_key, sha256, status, gradings}, read from PostgreSQL directly."""
+        import psycopg2
+
+        conn = psycopg2.connect(self.database_url, connect_timeout=5)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT s.id, s.image_key, s.image_sha256, s.status, count(g.id) "
+                            "FROM screening s LEFT JOIN grading g ON g.screening_id = s.id GROUP BY s.id")
+                return {str(i): {"image_key": k, "sha256": sha, "status": st, "gradings": n}
+                        for i, k, sha, st, n in cur.fetchall()}
+        finally:
+            conn.close()
+
+    def object_keys(self) -> set[str]:
+        s3 = self.s3.client()
+        keys = set()
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.s3.bucket, Prefix="screenings/"):
+            keys.update(item["Key"] for item in page.get("Contents", []))
+        return keys
+
+    def consistency(self, expected: dict[str, str] | None = None) -> dict:
+        """What is wrong with what is stored (every list empty means consistent).
+
+        - rows_without_object: a screening whose image is not in S3;
+        - objects_without_row: an image no screening refers to (an orphan);
+        - ungraded: a screening that is graded/ungradable without a grading;
+        - graded_twice: more than one grading (nothing here re-grades on purpose);
+        - lost / sha_mismatch: when `expected` (screening id -> the client's SHA-256) is given,
+          accepted screenings without a row, or whose row holds another hash.
+        SHA-256 of the bytes in S3 against the rows is `flask check-storage`'s job (`check_storage`).
+        """
+        rows, keys = self.rows(), self.object_keys()
+        row_keys = {r["image_key"] for r in rows.values()}
+        report = {
+            "rows": len(rows), "objects": len(keys),
+            "rows_without_object": sorted(i for i, r in rows.items() if r["image_key"] not in keys),
+            "objects_without_row": sorted(keys - row_keys),
+            "ungraded": sorted(i for i, r in rows.items() if r["status"] in ("graded", "ungradable")
+                               and r["gradings"] == 0),
+            "graded_twice": sorted(i for i, r in rows.items() if r["gradings"] > 1),
+        }
+        if expected is not None:
+            report["lost"] = sorted(i for i in expected if i not in rows)
+            report["sha_mismatch"] = sorted(i for i, sha in expected.items() if i in rows and rows[i]["sha256"] != sha)
+        return report
+
+    def check_storage(self) -> subprocess.CompletedProcess:
+        """`flask check-storage`: every object read back and hashed against its row."""
+        return self.cli("check-storage")
+
+
+def problems(report: dict) -> list[str]:
+    """The non-empty lists of a consistency() report."""
+    return [name for name, value in report.items() if isinstance(value, list) and value]
+
+
+# -------------------------------------------------------------------- model and images
+
+def model_store(workdir: Path) -> tuple[Path, str]:
+    """A model store holding dr_1.0.mar: the demo model if it exists, else the tests' tiny model."""
+    from scripts import archive
+
+    store = workdir / "model_store"
+    store.mkdir(parents=True, exist_ok=True)
+    if DEMO_CHECKPOINT.exists():
+        checkpoint, which = DEMO_CHECKPOINT, "demo (models/demo/checkpoint.pt, trained on synthetic images)"
+    else:
+        # The same seeded random model the test fixtures serve: grades are meaningless, the
+        # machinery (decode, quality gate, batching, storage) is what is measured.
+        from tests.plugins.model import make_checkpoint
+
+        checkpoint = make_checkpoint(workdir / "tiny.pt")
+        which = "tiny random mobilenet_v3_small @128 (no demo checkpoint found)"
+    archive.archive(checkpoint, MODEL_VERSION, model_store=store, batch_size=8, max_batch_delay=50,
+                    workers=1, response_timeout=60)
+    return store, which
+
+
+def photographs() -> list[bytes]:
+    paths = sorted(SAMPLES.glob("*.jpg"))
+    if not paths:
+        raise SystemExit(f"no sample photographs in {SAMPLES}")
+    return [p.read_bytes() for p in paths]
+
+
+def unique(photo: bytes, i: int) -> bytes:
+    """The photograph with bytes after its JPEG end marker: decoders ignore them, the SHA-256
+    differs per upload, so a lost or swapped image cannot hide behind an identical twin."""
+    return photo + f"clarity-load-{i:08d}".encode()
+
+
+# -------------------------------------------------------------------- memory
+
+class RssSampler(threading.Thread):
+    """Samples the resident memory of every process of the stack, by role, every `interval` s."""
+
+    def __init__(self, stack: PrivateStack, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.stack, self.interval = stack, interval
+        self.samples: dict[str, list[float]] = {}
+        self.done = threading.Event()
+
+    def roles(self) -> dict[str, list]:
+        import psutil
+
+        found: dict[str, list] = {}
+
+        def add(role, proc):
+            found.setdefault(role, []).append(proc)
+
+        master = psutil.Process(self.stack.api.proc.pid)
+        add("api: gunicorn master", master)
+        for n, worker in enumerate(sorted(master.children(), key=lambda p: p.pid), 1):
+            add(f"api: gunicorn worker {n}", worker)
+        ts = psutil.Process(self.stack.torchserve.proc.pid)
+        workers = 0
+        for proc in [ts, *ts.children(recursive=True)]:
+            cmd = " ".join(proc.cmdline())
+            if "java" in proc.name():
+                add("torchserve: frontend (java)", proc)
+            elif "model_service_worker" in cmd:
+                workers += 1
+                add(f"torchserve: model worker {workers}", proc)
+        add("s3: seaweedfs (weed mini)", psutil.Process(self.stack.s3.proc.pid))
+        for pid in self._postgres_backends():
+            add("postgresql: backends of this database (sum)", psutil.Process(pid))
+        add("load client (this process)", psutil.Process())
+        return found
+
+    def _postgres_backends(self) -> list[int]:
+        import psycopg2
+
+        with psycopg2.connect(self.stack.database_url, connect_timeout=5) as conn, conn.cursor() as cur:
+            cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid()")
+            pids = [r[0] for r in cur.fetchall()]
+        conn.close()
+        return pids
+
+    def sample(self) -> None:
+        import psutil
+
+        for role, procs in self.roles().items():
+            total = 0
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.samples.setdefault(role, []).append(total / 2 ** 20)
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.sample()
+            except Exception:  # a process between restarts; the next sample will see it
+                pass
+            self.done.wait(self.interval)
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.join(10)
+        self.sample()
+        return {role: {"start_mb": round(v[0], 1), "peak_mb": round(max(v), 1), "end_mb": round(v[-1], 1),
+                       "samples": len(v)} for role, v in self.samples.items()}
+
+
+# -------------------------------------------------------------------- the run
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def drive(stack: PrivateStack, screenings: int, concurrency: int, patients: int, progress: bool = True) -> dict:
+    """Upload `screenings` photographs with `concurrency` clients; returns what the clients saw."""
+    from tqdm import tqdm
+
+    headers = stack.key("clinician")
+    patient_ids = []
+    for n in range(patients):
+        # Distinctive fake PHI: tests grep logs for these markers.
+        body = {"name": f"Loadtest Phimarker {n}", "birth_date": "1937-07-19",
+                "medical_record_number": f"MRN-PHIMARK-LOAD-{n:05d}"}
+        response = requests.post(f"{stack.url}/api/v1/patients", headers=headers, json=body, timeout=30)
+        response.raise_for_status()
+        patient_ids.append(response.json()["id"])
+    photos = photographs()
+    local = threading.local()
+
+    def upload(i: int) -> dict:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        data = unique(photos[i % len(photos)], i)
+        pid = patient_ids[i % len(patient_ids)]
+        started = time.perf_counter()
+        outcome = {"i": i, "sha256": hashlib.sha256(data).hexdigest()}
+        try:
+            response = local.session.post(
+                f"{stack.url}/api/v1/patients/{pid}/screenings",
+                headers={**headers, "Idempotency-Key": f"load-{i}"},
+                files={"image": (f"eye{i}.jpg", data, "image/jpeg")},
+                data={"eye": "left" if i % 2 else "right"}, timeout=180)
+            outcome["status"] = response.status_code
+            if response.status_code in (201, 202):
+                outcome["id"] = response.json()["id"]
+                outcome["screening_status"] = response.json()["status"]
+            else:
+                outcome["error"] = response.text[:300]
+        except requests.RequestException as exc:
+            outcome["status"] = None
+            outcome["error"] = type(exc).__name__
+        outcome["seconds"] = time.perf_counter() - started
+        return outcome
+
+    results = []
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = [pool.submit(upload, i) for i in range(screenings)]
+        with tqdm(total=screenings, unit="upload", disable=not progress, file=sys.stderr) as bar:
+            for future in as_completed(futures):
+                results.append(future.result())
+                bar.update(1)
+    return {"results": results, "wall_s": time.perf_counter() - started}
+
+
+def run(args: argparse.Namespace) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="clarity-load-"))
+    try:
+        return _run(args, workdir)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, workdir: Path) -> dict:
+    store, which_model = model_store(workdir)
+    load_before = os.getloadavg()
+    stack = PrivateStack(workdir, store, workers=args.workers,
+                         api_env={"TORCHSERVE_TIMEOUT_SECONDS": str(args.torchserve_timeout)})
+    with stack:
+        sampler = RssSampler(stack)
+        sampler.sample()
+        sampler.start()
+        driven = drive(stack, args.screenings, args.concurrency, args.patients, progress=not args.quiet)
+        memory = sampler.stop()
+        load_after = os.getloadavg()
+        results = driven["results"]
+        accepted = {r["id"]: r["sha256"] for r in results if r["status"] in (201, 202)}
+        statuses: dict[str, int] = {}
+        for r in results:
+            statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+        pending = sum(1 for r in results if r.get("screening_status") == "pending")
+        graded_after = None
+        if pending:
+            graded = stack.cli("grade-pending")
+            graded_after = graded.stdout.strip().splitlines()[-1:] if graded.returncode == 0 else graded.stderr
+        report = stack.consistency(accepted)
+        extra_rows = report["rows"] - len(accepted)  # rows nobody was told about (each upload is new)
+        check = stack.check_storage()
+        seconds = [r["seconds"] for r in results if r["status"] in (201, 202)]
+        errors = [r for r in results if r["status"] not in (201, 202)]
+        lost = len(report["lost"]) + len(report["sha_mismatch"]) + len(report["rows_without_object"])
+        result = {
+            "command": f"python -m scripts.load --screenings {args.screenings} --concurrency {args.concurrency}",
+            "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "load_average_before": [round(x, 2) for x in load_before],
+                        "load_average_after": [round(x, 2) for x in load_after]},
+            "model": which_model,
+            "stack": {"gunicorn_workers": args.workers, "gunicorn_threads": 4, "torchserve_workers": 1,
+                      "batch_size": 8, "max_batch_delay_ms": 50, "database": "PostgreSQL (local server)",
+                      "storage": "SeaweedFS S3", "torchserve_timeout_s": args.torchserve_timeout},
+            "screenings": args.screenings, "concurrency": args.concurrency, "patients": args.patients,
+            "statuses": statuses,
+            "errors": len(errors),
+            "error_examples": [{k: r.get(k) for k in ("status", "error")} for r in errors[:5]],
+            "pending_after_upload": pending,
+            "grade_pending": graded_after,
+            "lost": lost,
+            "consistency": {k: (len(v) if isinstance(v, list) else v) for k, v in report.items()},
+            "rows_not_accepted": extra_rows,
+            "check_storage": {"exit": check.returncode, "summary": (check.stdout.strip().splitlines() or [""])[-1]},
+            "wall_s": round(driven["wall_s"], 1),
+            "throughput_per_s": round(len(seconds) / driven["wall_s"], 2) if driven["wall_s"] else None,
+            "latency_s": {"p50": _round(_percentile(seconds, 50)), "p95": _round(_percentile(seconds, 95)),
+                          "p99": _round(_percentile(seconds, 99)), "max": _round(max(seconds, default=None)),
+                          "mean": _round(statistics.fmean(seconds) if seconds else None)},
+            "rss": memory,
+        }
+        result["ok"] = (result["errors"] == 0 and lost == 0 and not problems(report) and extra_rows == 0
+                        and check.returncode == 0)
+    return result
+
+
+def _round(x):
+    return None if x is None else round(x, 3)
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"# Load test: {r['screenings']} screenings at concurrency {r['concurrency']}", "",
+        f"`{r['command']}` at {r['at']}. **{'PASS' if r['ok'] else 'FAIL'}**.", "",
+        f"- Machine: {r['machine']['cpus']} CPUs, shared; load average before "
+        f"{r['machine']['load_average_before']}, after {r['machine']['load_average_after']}.",
+        f"- Model: {r['model']}. Grades mean nothing clinically; the run measures the machinery.",
+        f"- Stack: gunicorn {r['stack']['gunicorn_workers']} workers x {r['stack']['gunicorn_threads']} threads, "
+        f"TorchServe {r['stack']['torchserve_workers']} worker (batch {r['stack']['batch_size']}, "
+        f"{r['stack']['max_batch_delay_ms']} ms), {r['stack']['database']}, {r['stack']['storage']}.", "",
+        "| measure | value |", "| --- | --- |",
+        f"| HTTP statuses | {', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} |",
+        f"| errors (not 201/202) | {r['errors']} |",
+        f"| pending after upload (202) | {r['pending_after_upload']} |",
+        f"| lost images (no row, wrong SHA-256, or no object) | {r['lost']} |",
+        f"| objects without rows / rows without objects | {r['consistency']['objects_without_row']} / "
+        f"{r['consistency']['rows_without_object']} |",
+        f"| screenings graded twice | {r['consistency']['graded_twice']} |",
+        f"| `flask check-storage` | exit {r['check_storage']['exit']}: {r['check_storage']['summary']} |",
+        f"| wall time | {r['wall_s']} s |",
+        f"| throughput | {r['throughput_per_s']} screenings/s |",
+        f"| latency p50 / p95 / p99 / max | {r['latency_s']['p50']} / {r['latency_s']['p95']} / "
+        f"{r['latency_s']['p99']} / {r['latency_s']['max']} s |", "",
+        "## Memory (RSS, MiB)", "", "| process | start | peak | end |", "| --- | --- | --- | --- |",
+    ]
+    for role, m in r["rss"].items():
+        lines.append(f"| {role} | {m['start_mb']} | {m['peak_mb']} | {m['end_mb']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--screenings", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--patients", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    parser.add_argument("--torchserve-timeout", type=float, default=30.0,
+                        help="TORCHSERVE_TIMEOUT_SECONDS for the API (the production default)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "load")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
+    args = parser.parse_args(argv)
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"load_{args.screenings}x{args.concurrency}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"written: {stem}.json, {stem}.md")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
