@@ -1,0 +1,238 @@
+"""Load generation, latency statistics and process memory for the benchmarks.
+
+Closed-loop load: `concurrency` threads, each with its own keep-alive `requests.Session`, send
+the next request as soon as their previous one is answered, walking round-robin through the same
+inputs, until the cell's request count is reached. Memory is the RSS of each process tree
+(the process and all its descendants), sampled in a background thread with psutil.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import psutil
+import requests
+from tqdm import tqdm
+from urllib3 import encode_multipart_formdata
+
+# A request: (session, input index) -> (status, response body or None on success checks)
+Send = Callable[[requests.Session, int], requests.Response]
+
+
+def stats(latencies_s: list[float]) -> dict:
+    """p50/p95/p99/mean/max in milliseconds; empty when there is nothing to summarise."""
+    if not latencies_s:
+        return {}
+    ms = np.asarray(latencies_s) * 1000
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return {"p50_ms": round(float(p50), 2), "p95_ms": round(float(p95), 2), "p99_ms": round(float(p99), 2),
+            "mean_ms": round(float(ms.mean()), 2), "max_ms": round(float(ms.max()), 2)}
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    requests: int
+    ok: int = 0
+    errors: dict = field(default_factory=dict)      # status (or exception name) -> count
+    wall_s: float = 0.0
+    latencies_s: list = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"concurrency": self.concurrency, "requests": self.requests, "ok": self.ok,
+                "errors": dict(self.errors), "wall_s": round(self.wall_s, 3),
+                "throughput_rps": round(self.throughput, 3), **stats(self.latencies_s)}
+
+
+def run_load(send: Send, n_inputs: int, concurrency: int, requests_total: int, *, ok_status=(200,),
+             warmup: int | None = None, desc: str = "", check: Callable[[requests.Response], bool] | None = None,
+             on_progress: Callable[[int], None] | None = None, timeout_s: float | None = None) -> LoadResult:
+    """Send `requests_total` requests at `concurrency`, after `warmup` unmeasured ones.
+
+    Request i sends input i mod n_inputs, so concurrent requests differ. A response
+    whose status is not in ok_status, or that fails `check`, counts as an error, not a latency.
+    `on_progress(done)` is called after each request (the soak test samples memory with it).
+    """
+    warmup = max(concurrency, 2) if warmup is None else warmup
+    result = LoadResult(concurrency, requests_total)
+    counter = itertools.count()
+    lock = threading.Lock()
+    sessions = [requests.Session() for _ in range(concurrency)]
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+
+    def one(session, i):
+        started = time.perf_counter()
+        try:
+            response = send(session, i % n_inputs)
+            good = response.status_code in ok_status and (check is None or check(response))
+            outcome = None if good else str(response.status_code)
+        except requests.RequestException as exc:
+            outcome = type(exc).__name__
+        return started, time.perf_counter(), outcome
+
+    # Warm-up: connections open, first-call costs paid, JIT-free but cache-warm.
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda k: one(sessions[k % concurrency], k), range(warmup)))
+
+    bar = tqdm(total=requests_total, desc=desc, leave=False, unit="req", dynamic_ncols=True)
+    spans = []
+
+    def worker(t):
+        session = sessions[t]
+        while True:
+            with lock:
+                i = next(counter)
+            if i >= requests_total or (deadline and time.monotonic() > deadline):
+                return
+            started, ended, outcome = one(session, i)  # consecutive requests take consecutive inputs
+            with lock:
+                spans.append((started, ended))
+                if outcome is None:
+                    result.ok += 1
+                    result.latencies_s.append(ended - started)
+                else:
+                    result.errors[outcome] = result.errors.get(outcome, 0) + 1
+                done = len(spans)
+            bar.update(1)
+            if on_progress:
+                on_progress(done)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    bar.close()
+    for s in sessions:
+        s.close()
+    if spans:
+        result.wall_s = max(e for _, e in spans) - min(s for s, _ in spans)
+    return result
+
+
+def multipart(fields: dict) -> tuple[bytes, str]:
+    """A multipart body built once, so the load generator does not re-encode images per request."""
+    return encode_multipart_formdata(fields)
+
+
+class MemorySampler(threading.Thread):
+    """Peak RSS of named process trees, sampled every `interval` seconds.
+
+    `track(label, pid)` adds a tree (the process and its descendants, found again at every sample
+    so that restarted workers are included). `mark()` starts a new window and returns the peaks of
+    the one before. RSS of processes in one tree are summed: shared pages (libtorch) count once
+    per process, which overstates the total but is what each process costs if it ran alone.
+    """
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.roots: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.window: dict[str, dict] = {}
+        self.lifetime: dict[str, dict] = {}
+        self.stopped = threading.Event()
+
+    def track(self, label: str, pid: int) -> None:
+        with self.lock:
+            self.roots[label] = pid
+        self.sample()
+
+    def untrack(self, label: str) -> None:
+        with self.lock:
+            self.roots.pop(label, None)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    @staticmethod
+    def tree(pid: int) -> dict[int, tuple[str, int]]:
+        """pid -> (role, rss bytes) for the process and its descendants."""
+        out = {}
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return out
+        for p in procs:
+            try:
+                out[p.pid] = (role(p), p.memory_info().rss)
+            except psutil.Error:
+                continue
+        return out
+
+    def sample(self) -> None:
+        with self.lock:
+            roots = dict(self.roots)
+        for label, pid in roots.items():
+            procs = self.tree(pid)
+            if not procs:
+                continue
+            total = sum(rss for _, rss in procs.values())
+            by_role: dict[str, int] = {}
+            largest: dict[str, int] = {}
+            for r, rss in procs.values():
+                by_role[r] = by_role.get(r, 0) + rss
+                largest[r] = max(largest.get(r, 0), rss)
+            with self.lock:
+                for store in (self.window, self.lifetime):
+                    peak = store.setdefault(label, {"total_mb": 0.0, "roles_mb": {}, "largest_process_mb": {},
+                                                    "processes": 0})
+                    peak["total_mb"] = max(peak["total_mb"], total / 2**20)
+                    peak["processes"] = max(peak["processes"], len(procs))
+                    for r, v in by_role.items():
+                        peak["roles_mb"][r] = max(peak["roles_mb"].get(r, 0.0), v / 2**20)
+                    for r, v in largest.items():
+                        peak["largest_process_mb"][r] = max(peak["largest_process_mb"].get(r, 0.0), v / 2**20)
+
+    def mark(self) -> dict:
+        self.sample()
+        with self.lock:
+            window, self.window = self.window, {}
+        return _rounded(window)
+
+    def peaks(self) -> dict:
+        with self.lock:
+            return _rounded(self.lifetime)
+
+
+def _rounded(d):
+    if isinstance(d, dict):
+        return {k: _rounded(v) for k, v in d.items()}
+    return round(d, 1) if isinstance(d, float) else d
+
+
+def role(p: psutil.Process) -> str:
+    """A short name for what a process is, from its command line."""
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return "unknown"
+    if "model_service_worker" in cmd:
+        return "torchserve-worker"
+    if "java" in p.name() or "org.pytorch.serve" in cmd:
+        return "torchserve-frontend"
+    if "torchserve" in cmd:
+        return "torchserve-launcher"
+    if "gunicorn" in cmd:
+        parent = p.parent()
+        is_worker = parent is not None and "gunicorn" in " ".join(parent.cmdline())
+        return "gunicorn-worker" if is_worker else "gunicorn-master"
+    if "weed" in cmd:
+        return "seaweedfs"
+    return p.name()
+
+
+def rss_by_pid(pid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (role, RSS MB) for a process tree right now (the soak test's samples)."""
+    return {k: (r, round(v / 2**20, 1)) for k, (r, v) in MemorySampler.tree(pid).items()}
