@@ -11,7 +11,7 @@ import flask_smorest
 from flask import Flask, g, request
 from flask_cors import CORS
 
-from . import audit, auth, cli, errors, logs, metrics, ratelimit
+from . import audit, auth, cli, errors, logs, metrics, ratelimit, schemas
 from . import storage as storage_mod
 from . import torchserve as torchserve_mod
 from .blueprints import audit as audit_bp
@@ -28,6 +28,8 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 
 class Api(flask_smorest.Api):
+    ERROR_SCHEMA = schemas.Error  # what errors.py answers, so the document matches
+
     def handle_http_exception(self, error):
         return errors.handle_http_exception(error)
 

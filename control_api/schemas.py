@@ -1,7 +1,6 @@
 """Request and response schemas (marshmallow), used both to validate and to write the OpenAPI doc."""
 from __future__ import annotations
 
-import unicodedata
 from datetime import date, datetime, timedelta, timezone
 
 import marshmallow as ma
@@ -35,15 +34,49 @@ class Schema(ma.Schema):
         unknown = ma.RAISE
 
 
-def _no_control_characters(value: str) -> None:
-    # PostgreSQL text cannot hold NUL (the insert fails), and terminal escapes or line breaks
-    # have no place in a name, a record number or a camera model.
-    if any(unicodedata.category(c) == "Cc" for c in value):
-        raise ma.ValidationError("Must not contain control characters.")
+class ErrorBody(Schema):
+    code = fields.String(required=True, metadata={"description": "stable code, e.g. patient_not_found"})
+    message = fields.String(required=True)
+    request_id = fields.String(required=True, metadata={"description": "also in the X-Request-ID header"})
+    details = fields.Dict(metadata={"description": "validation errors by location (json, query, multipart) "
+                                                   "and field"})
 
 
-def text(min: int, max: int) -> list:
-    return [validate.Length(min=min, max=max), _no_control_characters]
+class Error(Schema):
+    """Every error answer (errors.py); documented as the default response of each operation."""
+    error = fields.Nested(ErrorBody, required=True)
+
+
+class Health(Schema):
+    status = fields.String(required=True)
+
+
+class Check(Schema):
+    ok = fields.Boolean(required=True)
+    problem = fields.String()
+
+
+class Readiness(Schema):
+    status = fields.String(required=True)
+    checks = fields.Dict(keys=fields.String(), values=fields.Nested(Check))
+
+
+class NotReady(Error):
+    checks = fields.Dict(keys=fields.String(), values=fields.Nested(Check))
+
+
+# PostgreSQL text cannot hold NUL (the insert fails), and terminal escapes or line breaks have
+# no place in a name, a record number or a camera model. A pattern, not a function, so that the
+# OpenAPI document states the rule too. Patient fields are stripped first, so they also need one
+# character that is not a space.
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+NO_CONTROL = validate.Regexp(rf"^[^{_CONTROL}]*$", error="Must not contain control characters.")
+NOT_BLANK = validate.Regexp(rf"^[^{_CONTROL}]*[^\s{_CONTROL}][^{_CONTROL}]*$",
+                            error="Must contain a character other than spaces, and no control characters.")
+
+
+def text(min: int, max: int, *, blank: bool = True) -> list:
+    return [validate.Length(min=min, max=max), NO_CONTROL if blank else NOT_BLANK]
 
 
 def _not_future_date(value: date) -> None:
@@ -57,9 +90,9 @@ def _not_future_time(value: datetime) -> None:
 
 
 class PatientFields(Schema):
-    name = fields.String(validate=text(1, 200))
+    name = fields.String(validate=text(1, 200, blank=False))
     birth_date = fields.Date(allow_none=True, validate=_not_future_date)
-    medical_record_number = fields.String(attribute="mrn", allow_none=True, validate=text(1, 64))
+    medical_record_number = fields.String(attribute="mrn", allow_none=True, validate=text(1, 64, blank=False))
     sex = fields.String(allow_none=True, validate=validate.OneOf(SEXES))
 
     @ma.pre_load
@@ -70,7 +103,7 @@ class PatientFields(Schema):
 
 
 class PatientCreate(PatientFields):
-    name = fields.String(required=True, validate=text(1, 200))
+    name = fields.String(required=True, validate=text(1, 200, blank=False))
 
 
 class PatientUpdate(PatientFields):

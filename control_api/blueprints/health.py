@@ -6,7 +6,7 @@ import logging
 
 from flask import Response, jsonify
 
-from .. import metrics, migrations
+from .. import metrics, migrations, schemas
 from ..auth import public
 from ..db import db
 from ..errors import error_response
@@ -21,6 +21,7 @@ blp = Blueprint("health", __name__, description="Probes")
 
 @blp.route("/healthz", methods=["GET"])
 @public
+@blp.alt_response(200, schema=schemas.Health, description="The process answers", success=True)
 def healthz():
     """The process answers. Checks nothing else, so a dependency outage never restarts it."""
     return jsonify({"status": "ok"})
@@ -49,6 +50,8 @@ CHECKS = {"database": _database, "storage": _storage, "torchserve": _torchserve}
 
 @blp.route("/readyz", methods=["GET"])
 @public
+@blp.alt_response(200, schema=schemas.Readiness, description="Every dependency answers", success=True)
+@blp.alt_response(503, schema=schemas.NotReady, description="`checks` names what failed")
 def readyz():
     """Every dependency answers: database (and schema version), image storage, and a READY
     TorchServe worker for the model. 503 names what failed."""
@@ -69,5 +72,6 @@ def readyz():
 @blp.route("/metrics", methods=["GET"])
 @public
 @blp.doc(summary="Prometheus metrics (text exposition format)")
+@blp.alt_response(200, content_type="text/plain", description="Prometheus text exposition format", success=True)
 def scrape():
     return Response(metrics.render(), mimetype=metrics.CONTENT_TYPE)

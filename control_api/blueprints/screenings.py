@@ -110,7 +110,7 @@ def _delete_object(key: str) -> None:
 @blp.response(201, schemas.Screening, description="Stored and graded (or found ungradable)")
 @blp.alt_response(202, schema=schemas.Screening, description="Stored; grading pending (Retry-After)")
 @blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "required": False,
-                      "schema": {"type": "string", "maxLength": 255},
+                      "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
                       "description": "a retry with the same key returns the first result"}])
 def create_screening(form, patient_id):
     patient = get_patient(patient_id)
