@@ -12,8 +12,9 @@ from ..errors import ApiError
 
 class Parser(FlaskParser):
     __location_map__ = {**FlaskParser.__location_map__, "multipart": "load_multipart"}
-    # Unknown multipart fields are an error, as in JSON bodies.
-    DEFAULT_UNKNOWN_BY_LOCATION = {**FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION, "multipart": None}
+    # Unknown multipart fields and query parameters are an error, as in JSON bodies (None: the
+    # schema's RAISE). A mistyped filter such as ?patient= must not quietly list everything.
+    DEFAULT_UNKNOWN_BY_LOCATION = {**FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION, "multipart": None, "query": None}
 
     def load_multipart(self, req, schema):
         return MultiDictProxy(CombinedMultiDict([req.form, req.files]), schema)
