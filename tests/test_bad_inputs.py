@@ -320,6 +320,8 @@ CASES = [
          400, "invalid_cursor"),
     Case("audit_cursor_float", lambda c: c.call("GET", "/audit-events", headers=c.admin,
                                                 params={"cursor": cursor([1.5])}), 400, "invalid_cursor"),
+    Case("audit_unknown_query_parameter", lambda c: c.call("GET", "/audit-events", headers=c.admin,
+                                                           params={"patient": c.patient}), 422, "invalid_request"),
     Case("audit_patient_id_malformed", lambda c: c.call("GET", "/audit-events", headers=c.admin,
                                                         params={"patient_id": "not-a-uuid"}), 422, "invalid_request"),
     # --- re-grade
