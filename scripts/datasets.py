@@ -113,6 +113,7 @@ def read_labels(csv_path: Path, data_dir: Path | None = None) -> tuple[str, list
     folder) by name, with or without an extension in the CSV."""
     csv_path = Path(csv_path)
     roots = {Path(data_dir or csv_path.parent).resolve(), csv_path.parent.resolve()}
+    roots = {r for r in roots if not any(o != r and o in r.parents for o in roots)}  # walk each file once
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     if not rows:

@@ -4,13 +4,14 @@
 
 Evaluates only images the model did not train on: the checkpoint's own test split when DIR is its
 training folder, otherwise every image of DIR (refused if any of them was in the training split).
-Writes evaluation.json, confusion_matrix.png, roc_referable.png and training_curves.png.
+Writes evaluation.json, predictions.csv, confusion_matrix.png, roc_referable.png and training_curves.png.
 The referable operating point (a threshold on P(grade >= 2)) is chosen on the checkpoint's
 validation split when it is available, so the test numbers at that threshold stay unbiased.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import hashlib
 import json
@@ -85,7 +86,7 @@ def operating_point(positive: np.ndarray, score: np.ndarray, target_sensitivity:
     positive = np.asarray(positive, bool)
     if not positive.any() or positive.all():
         raise ValueError("an operating point needs both referable and non-referable eyes")
-    fpr, tpr, thr = roc_curve(positive, score)
+    fpr, tpr, thr = roc_curve(positive, score, drop_intermediate=False)
     ok = np.nonzero(tpr >= target_sensitivity)[0]
     i = ok[0]
     threshold = float(min(thr[i], 1.0))  # roc_curve's first threshold is +inf
@@ -179,12 +180,15 @@ def plot_history(history: list[dict], path: Path, title: str):
 def held_out(ck: dict, data: datasets.LabelledSet) -> tuple[str, list, list]:
     """(which images, samples to evaluate, validation samples for the operating point or [])."""
     split = (ck.get("dataset") or {}).get("split") or {}
-    if data.describe()["fingerprint"] == ck["dataset"].get("fingerprint") and split:
+    if data.describe()["fingerprint"] == ck["dataset"].get("fingerprint"):
         if not split.get("test"):
             raise SystemExit("this is the training folder and the checkpoint holds no test split; "
                              "evaluate on a separate test folder")
         return "checkpoint test split", datasets.select(data.samples, split["test"]), \
             datasets.select(data.samples, split.get("val", []))
+    if not split:
+        raise SystemExit("the checkpoint does not record its training split, so held-out images "
+                         "cannot be told from training images")
     seen = set(split.get("train", [])) | set(split.get("val", []))
     overlap = sorted(seen & {s.name for s in data.samples})
     if overlap:
@@ -221,13 +225,13 @@ def evaluate(checkpoint: Path, data_dir: Path, out: Path, csv_path: Path | None 
                                     progress=progress)
         dl = torch.utils.data.DataLoader(ds, batch_size=64, collate_fn=datasets.collate)
         y, p, _ = predict(model, dl, progress, desc)
-        return y, p, ds.rejected
+        return y, p, ds.rejected, [s.name for s in ds.samples]
 
-    y, probs, rejected = run(test_samples, "evaluate")
+    y, probs, rejected, names = run(test_samples, "evaluate")
     positive = y >= ref
     score = referable_scores(probs, ref)
     if val_samples:
-        yv, pv, _ = run(val_samples, "validation")
+        yv, pv, _, _ = run(val_samples, "validation")
         op = operating_point(yv >= ref, referable_scores(pv, ref), target_sensitivity)
         op["chosen_on"] = f"checkpoint validation split ({len(yv)} images)"
     else:
@@ -241,7 +245,7 @@ def evaluate(checkpoint: Path, data_dir: Path, out: Path, csv_path: Path | None 
     cm = confusion_matrix(y, probs.argmax(1), labels=list(range(len(GRADE_LABELS))))
     synthetic = bool(ck["dataset"].get("synthetic")) or data.synthetic
     result = {
-        "checkpoint": {"file": Path(checkpoint).name, "sha256": _sha256(checkpoint), "arch": ck["arch"],
+        "checkpoint": {"file": Path(checkpoint).name, "sha256": sha256(checkpoint), "arch": ck["arch"],
                        "input_size": cfg.input_size, "code_revision": ck.get("code_revision"),
                        "trained_on": {k: ck["dataset"].get(k) for k in ("name", "fingerprint", "synthetic")}},
         "data": {"name": data.name, "format": data.format, "fingerprint": data.describe()["fingerprint"],
@@ -258,6 +262,7 @@ def evaluate(checkpoint: Path, data_dir: Path, out: Path, csv_path: Path | None 
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_predictions(out / "predictions.csv", names, y, probs, ref)
     tag = f"{ck['arch']} @ {cfg.input_size}px on {data.name} ({len(y)} held-out" + \
         (" synthetic" if synthetic else "") + " images)"
     plot_confusion(cm, out / "confusion_matrix.png", tag)
@@ -268,6 +273,15 @@ def evaluate(checkpoint: Path, data_dir: Path, out: Path, csv_path: Path | None 
     if ck.get("history"):
         plot_history(ck["history"], out / "training_curves.png", f"Training of {ck['arch']} on {ck['dataset']['name']}")
     return result
+
+
+def write_predictions(path: Path, names, y, probs, ref: int) -> None:
+    """One row per image, for error analysis."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "grade", "predicted", "p_referable", *(f"p{g}" for g in range(probs.shape[1]))])
+        for name, g, p in zip(names, y, probs):
+            w.writerow([name, int(g), int(p.argmax()), f"{p[ref:].sum():.4f}", *(f"{v:.4f}" for v in p)])
 
 
 def summary(result: dict) -> dict:
@@ -284,7 +298,7 @@ def record_in_checkpoint(checkpoint: Path, result: dict) -> None:
     save_atomic(ck, checkpoint)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -28,8 +28,8 @@ from PIL import Image, ImageDraw, ImageFilter
 GRADE_LABELS = ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"]
 # Skewed towards grade 0 like screening data, but every grade keeps enough examples to learn from.
 DEFAULT_GRADE_MIX = (0.40, 0.15, 0.20, 0.12, 0.13)
-# Sizes below are fractions of the field-of-view radius R. Lesions are drawn about 2-3x their real
-# size so that the smallest (microaneurysms, ~0.012 R) still cover >= 2 px at a 224 px model input.
+# Sizes are fractions of the field-of-view radius R, which becomes S/2 px at model input S.
+# Microaneurysms match the largest real ones (2-3x a typical one) so they still cover ~2 px at S=160.
 MA_RADIUS = (0.012, 0.018)
 SUPERSAMPLE = 2  # line/blob layers are drawn at 2x and reduced, which antialiases them
 
@@ -291,11 +291,11 @@ class Lesions:
             pts, widths = stretches[int(rng.integers(len(stretches)))]
             idx = [i for i, p in enumerate(pts) if eye.quadrant(p) == q and eye.inside(p, 0.88)]
             start = idx[int(rng.integers(max(1, len(idx) - 10)))]
-            # Sausage-like calibre changes: beads of ~2x the vein width along ~0.3 R of its course.
-            for i in range(start, min(start + 16, len(pts) - 1)):
+            # Sausage-like calibre changes: beads ~3x the vein's width along ~0.5 R of its course.
+            for i in range(start, min(start + 24, len(pts) - 1)):
                 for f in (0.0, 0.5):
                     p = pts[i] + f * (pts[i + 1] - pts[i])
-                    self.red.disk(p, widths[i] * rng.uniform(0.95, 1.25))
+                    self.red.disk(p, widths[i] * rng.uniform(1.3, 1.6))
             done.add(q)
         self.counts["venous_beading_quadrants"] += len(done)
 
@@ -303,11 +303,11 @@ class Lesions:
         rng, eye = self.rng, self.eye
         for q in quadrants:
             c = self.point(q)
-            for _ in range(int(rng.integers(5, 9))):
-                start = (c[0] + rng.normal(0, 0.03) * eye.r, c[1] + rng.normal(0, 0.03) * eye.r)
+            for _ in range(int(rng.integers(6, 10))):
+                start = (c[0] + rng.normal(0, 0.04) * eye.r, c[1] + rng.normal(0, 0.04) * eye.r)
                 pts = _walk(rng, start, rng.uniform(0, 2 * math.pi), int(rng.integers(10, 18)),
                             0.012 * eye.r, 0.5)
-                self.red.polyline(pts, np.full(len(pts), 0.008 * eye.r), fill=200)
+                self.red.polyline(pts, np.full(len(pts), 0.013 * eye.r), fill=220)
         self.counts["irma_quadrants"] += len(quadrants)
 
     def neovascularisation(self, at_disc: bool):
@@ -316,16 +316,18 @@ class Lesions:
             c = (eye.disc[0] + rng.normal(0, 0.3) * eye.disc_r, eye.disc[1] + rng.normal(0, 0.3) * eye.disc_r)
             spread = eye.disc_r * rng.uniform(0.9, 1.4)
             self.counts["nv_disc"] += 1
-        else:
-            c = self.point()
-            spread = eye.r * rng.uniform(0.07, 0.12)
+        else:  # new vessels sprout from veins, mostly along the arcades
+            on_veins = [p for pts, _ in eye.veins for p in pts[::4]
+                        if eye.inside(p, 0.85) and math.dist(p, eye.disc) > 3 * eye.disc_r]
+            c = on_veins[int(rng.integers(len(on_veins)))] if on_veins else self.point()
+            spread = eye.r * rng.uniform(0.09, 0.14)
             self.counts["nv_elsewhere"] += 1
         # Fine, tangled, looping vessels fanning out from a root: a "sea fan".
-        for _ in range(int(rng.integers(18, 32))):
+        for _ in range(int(rng.integers(25, 41))):
             a = rng.uniform(0, 2 * math.pi)
             start = (c[0] + 0.3 * spread * math.cos(a), c[1] + 0.3 * spread * math.sin(a))
             pts = _walk(rng, start, a, int(rng.integers(10, 20)), spread * 0.09, 0.45)
-            self.new_vessels.polyline(pts, np.full(len(pts), 0.0065 * eye.r))
+            self.new_vessels.polyline(pts, np.full(len(pts), 0.013 * eye.r))
 
     def preretinal(self):
         rng, eye = self.rng, self.eye
@@ -357,13 +359,13 @@ def _moderate(les: Lesions, rng, heavy=False):
 def _add_lesions(rng, eye: Eye, grade: int) -> Lesions:
     les = Lesions(rng, eye)
     if grade == 1:
-        les.microaneurysms(int(rng.integers(3, 12)))
+        les.microaneurysms(int(rng.integers(4, 13)))
     elif grade == 2:
         _moderate(les, rng)
     elif grade == 3:
         # 4-2-1 rule: many haemorrhages in 4 quadrants, or venous beading in 2, or IRMA in 1.
         rule = rng.choice(3, p=[0.5, 0.25, 0.25])
-        _moderate(les, rng, heavy=True) if rule else les.microaneurysms(int(rng.integers(8, 20)))
+        _moderate(les, rng, heavy=True)
         if rule == 0 or rng.random() < 0.3:
             les.haemorrhages(range(4), (6, 10))
         if rule == 1 or rng.random() < 0.3:
@@ -463,7 +465,7 @@ def render(seed: int, grade: int, size: int = 512) -> tuple[Image.Image, dict]:
     les = _add_lesions(lrng, eye, grade)
     red = les.red.region(0.5)
     _tint(img, red, (0.5, 0.17, 0.16))
-    _tint(img, les.new_vessels.region(0.3), (0.65, 0.28, 0.32))
+    _tint(img, les.new_vessels.region(0.3), (0.55, 0.22, 0.26))
     _tint(img, les.preretinal_blood.region(0.6), (0.32, 0.06, 0.06))
     # bright lesions keep their colour in dim corners: partly undo the illumination applied below
     compensate = illum ** -0.5

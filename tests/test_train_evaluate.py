@@ -84,6 +84,8 @@ def test_evaluate_writes_json_and_plots(trained, data_dir, tmp_path):
     assert saved["metrics"] == json.loads(json.dumps(result["metrics"]))
     for png in ("confusion_matrix.png", "roc_referable.png", "training_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("name,grade,predicted") and len(rows) == 1 + result["data"]["n"]
     ck = torch.load(trained, weights_only=True)
     assert saved["data"]["images"] == "checkpoint test split"
     assert saved["data"]["n"] == len(ck["dataset"]["split"]["test"])
