@@ -38,6 +38,12 @@ forwarded_allow_ips = "127.0.0.1"
 control_socket_disable = True
 
 
+def pre_request(worker, req):
+    # gunicorn's default logs every raw path at DEBUG, before the app can tell whether it is a
+    # route or client input that may hold a name or record number (see logs.GunicornLogger).
+    pass
+
+
 def on_starting(server):
     # Counters of a previous run's workers would otherwise be summed into this run's.
     if settings.prometheus_multiproc_dir:

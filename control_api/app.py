@@ -106,6 +106,7 @@ def _security_headers(response):
 def _finish(response):
     response.headers["X-Request-ID"] = errors.request_id()
     route = request.url_rule.rule if request.url_rule else "<unmatched>"
+    request.environ["clarity.route"] = route  # for gunicorn's access line (logs.GunicornLogger)
     method = request.method if request.method in METHODS else "OTHER"
     elapsed = time.perf_counter() - g.get("started", time.perf_counter())
     metrics.REQUESTS.labels(method, route, str(response.status_code)).inc()

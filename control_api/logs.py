@@ -44,7 +44,11 @@ def configure(level: str = "INFO") -> None:
 
 class GunicornLogger(_GunicornLogger):
     """gunicorn's error and access logs as JSON; the access line has the path without the
-    query string (cursors and filters stay out of logs) and the response's X-Request-ID."""
+    query string (cursors and filters stay out of logs) and the response's X-Request-ID.
+
+    The path is client input: only one the app matched to a route (route words and UUIDs) is
+    logged. Any other (a 404, or a request gunicorn refused itself) is logged as <unmatched>,
+    since a client may have put a name or record number in it."""
 
     def setup(self, cfg):
         super().setup(cfg)
@@ -52,15 +56,24 @@ class GunicornLogger(_GunicornLogger):
             for handler in log.handlers:
                 handler.setFormatter(formatter())
 
+    def warning(self, msg, *args, **kwargs):
+        # gunicorn quotes the offending request line or header of a malformed request, which is
+        # client input; keep what kind of error it was and drop the quote.
+        if isinstance(msg, str) and msg.startswith("Invalid request from ip="):
+            msg = ": ".join(msg.split(": ")[:2])
+        super().warning(msg, *args, **kwargs)
+
     def access(self, resp, req, environ, request_time):
         if not self.access_log_enabled:
             return
         headers = dict((k.lower(), v) for k, v in (resp.headers or []))
+        route = environ.get("clarity.route", "<unmatched>")
         status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
         self.access_log.info("access", extra={
             "request_id": headers.get("x-request-id", "-"),
             "method": environ.get("REQUEST_METHOD"),
-            "path": environ.get("PATH_INFO"),
+            "path": environ.get("PATH_INFO") if route != "<unmatched>" else route,
+            "route": route,
             "status": int(status),
             "bytes": getattr(resp, "sent", None),
             "duration_ms": round(request_time.total_seconds() * 1000, 2),
