@@ -205,13 +205,14 @@ def problems(report: dict) -> list[str]:
 
 # -------------------------------------------------------------------- model and images
 
-def model_store(workdir: Path) -> tuple[Path, str]:
-    """A model store holding dr_1.0.mar: the demo model if it exists, else the tests' tiny model."""
+def model_store(workdir: Path, model: str = "auto") -> tuple[Path, str]:
+    """A model store holding dr_1.0.mar: the demo model if it exists (or `model` is "demo"),
+    else the tests' tiny model."""
     from scripts import archive
 
     store = workdir / "model_store"
     store.mkdir(parents=True, exist_ok=True)
-    if DEMO_CHECKPOINT.exists():
+    if model == "demo" or (model == "auto" and DEMO_CHECKPOINT.exists()):
         checkpoint, which = DEMO_CHECKPOINT, "demo (models/demo/checkpoint.pt, trained on synthetic images)"
     else:
         # The same seeded random model the test fixtures serve: grades are meaningless, the
@@ -376,16 +377,18 @@ def drive(stack: PrivateStack, screenings: int, concurrency: int, patients: int,
 
 
 def run(args: argparse.Namespace) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix="clarity-load-"))
+    keep = args.keep or args.workdir is not None
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="clarity-load-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     try:
         return _run(args, workdir)
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(args: argparse.Namespace, workdir: Path) -> dict:
-    store, which_model = model_store(workdir)
+    store, which_model = model_store(workdir, args.model)
     load_before = os.getloadavg()
     stack = PrivateStack(workdir, store, workers=args.workers,
                          api_env={"TORCHSERVE_TIMEOUT_SECONDS": str(args.torchserve_timeout)})
@@ -488,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="TORCHSERVE_TIMEOUT_SECONDS for the API (the production default)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "load")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--model", choices=("auto", "demo", "tiny"), default="auto",
+                        help="auto: the demo model if models/demo/checkpoint.pt exists, else the tiny one")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
+    parser.add_argument("--workdir", type=Path, help="work directory to use and keep (default: a temporary one)")
     args = parser.parse_args(argv)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
