@@ -178,6 +178,37 @@ def test_torchserve_killed_during_uploads(stack, clinician):
     assert "0 graded" in stack.cli("grade-pending").stdout
 
 
+def test_torchserve_hung(stack, clinician):
+    """TorchServe is frozen (SIGSTOP on its process group): it accepts connections and never
+    answers, like an overloaded or wedged server.
+
+    Expected: the upload waits TORCHSERVE_TIMEOUT_SECONDS (10 s here), then answers 202 +
+    Retry-After with the screening stored as `pending`. When TorchServe resumes (SIGCONT) it
+    answers the abandoned request to nobody: nothing is written from it. `grade-pending` then
+    grades the screening exactly once.
+    """
+    import os
+    import signal
+
+    pid = new_patient(stack, clinician, "ts-hung")
+    ts = stack.torchserve
+    os.killpg(ts.proc.pid, signal.SIGSTOP)
+    try:
+        response = upload(stack, clinician, pid, jpeg(seed=77), idempotency_key="ts-hung-1")
+    finally:
+        os.killpg(ts.proc.pid, signal.SIGCONT)
+    assert response.status_code == 202, response.text
+    assert int(response.headers["Retry-After"]) > 0 and response.json()["status"] == "pending"
+    sid = response.json()["id"]
+    ts.wait_model_ready("dr", "1.0", timeout=120)
+    row = stack.rows()[sid]
+    assert row["status"] == "pending" and row["gradings"] == 0, row
+    graded = stack.cli("grade-pending")
+    assert graded.returncode == 0 and sid in graded.stdout, graded.stdout + graded.stderr
+    assert stack.rows()[sid]["gradings"] == 1
+    assert_consistent(stack)
+
+
 def _cli_env(stack) -> dict:
     import os
 
