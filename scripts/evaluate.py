@@ -269,7 +269,7 @@ def evaluate(checkpoint: Path, data_dir: Path, out: Path, csv_path: Path | None 
     if 0 < positive.sum() < len(y):
         plot_roc(positive, score, {"threshold": op["threshold"], "sensitivity": op["test_sensitivity"]["value"],
                                    "specificity": op["test_specificity"]["value"]},
-                 metrics["referable_auc"], out / "roc_referable.png", f"Referable DR (grade >= {ref}), {tag}")
+                 metrics["referable_auc"], out / "roc_referable.png", f"Referable DR (grade >= {ref})\n{tag}")
     if ck.get("history"):
         plot_history(ck["history"], out / "training_curves.png", f"Training of {ck['arch']} on {ck['dataset']['name']}")
     return result
@@ -309,7 +309,8 @@ def sha256(path: Path) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, type=Path)
-    ap.add_argument("--data", required=True, type=Path, help="the training folder (uses its test split) or a test folder")
+    ap.add_argument("--data", required=True, type=Path,
+                    help="the training folder (uses its test split) or a separate test folder")
     ap.add_argument("--csv", type=Path)
     ap.add_argument("--out", required=True, type=Path, help="folder for evaluation.json and the plots")
     ap.add_argument("--target-sensitivity", type=float, default=0.9)

@@ -274,7 +274,7 @@ class Lesions:
     def cotton_wool(self, n):
         rng, eye = self.rng, self.eye
         for _ in range(n):
-            # Nerve-fibre-layer infarcts: mostly along the arcades, within ~3 disc diameters of the disc.
+            # Nerve-fibre-layer infarcts: soft-edged whitish patches, placed anywhere in the field.
             p = self.point()
             self.cotton.polygon(_blob(rng, p, eye.r * rng.uniform(0.035, 0.055), 0.3,
                                       rng.uniform(1.0, 1.6), rng.uniform(0, 3)))

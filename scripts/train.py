@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import cohen_kappa_score  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from handlers import fundus  # noqa: E402
 from handlers.model import ARCHS, DRNet  # noqa: E402
@@ -47,12 +48,17 @@ def train_state_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + ".train-state.pt")
 
 
+# The code that decides what a checkpoint is: preprocessing, model, data, training loop.
+TRAINING_CODE = ("handlers", "scripts/synth.py", "scripts/datasets.py", "scripts/train.py",
+                 "scripts/evaluate.py", "scripts/demo_model.py")
+
+
 def code_revision() -> tuple[str, bool]:
-    """(git sha or "unknown", whether handlers/ or scripts/ differ from it)."""
+    """(git sha or "unknown", whether TRAINING_CODE differs from that commit)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "handlers", "scripts"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *TRAINING_CODE], cwd=REPO,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
         return sha, bool(dirty)
     except (OSError, subprocess.SubprocessError):
@@ -99,8 +105,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.02):
 @torch.no_grad()
 def predict(model: nn.Module, loader, progress: bool = False, desc: str = "predict"):
     """(grades int64 [n], probabilities float32 [n, 5], mean loss) over a loader."""
-    from tqdm import tqdm
-
     model.eval()
     ys, ps, loss, n = [], [], 0.0, 0
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
@@ -237,8 +241,6 @@ def train(args) -> dict:
 
     ck = None
     for epoch in range(start_epoch, args.epochs + 1):
-        from tqdm import tqdm
-
         te = time.perf_counter()
         model.train()
         total, n, correct = 0.0, 0, 0

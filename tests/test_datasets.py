@@ -1,5 +1,4 @@
 """Label CSV readers, the stratified split, the fingerprint and the training Dataset."""
-import io
 from collections import Counter
 from pathlib import Path
 

@@ -181,3 +181,48 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
     for k in ("quadratic_kappa", "accuracy", "referable_auc"):
         lo, hi = a[k]
         assert lo < m[k] < hi and hi - lo < 0.3
+
+
+# --------------------------------------------------------------------------- the demo model
+
+def test_demo_model_pipeline_writes_model_and_card(tmp_path, monkeypatch):
+    """The `make demo-model` pipeline end to end, with a tiny recipe."""
+    from scripts import demo_model
+
+    tiny = dict(demo_model.RECIPE, train_images=30, test_images=12, image_size=160, input_size=64, epochs=1,
+                batch_size=8, val_fraction=0.2)
+    monkeypatch.setattr(demo_model, "RECIPE", tiny)
+    out = tmp_path / "demo"
+    demo_model.main(["--out", str(out), "--work", str(tmp_path / "work"), "--threads", "1", "--workers", "1",
+                     "--quiet"])
+    for name in ("checkpoint.pt", "MODEL_CARD.md", "evaluation.json", "predictions.csv",
+                 "confusion_matrix.png", "training_curves.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*train-state*"))
+    _check_demo_folder(out, n_test=12)
+
+
+def _check_demo_folder(out, n_test):
+    ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert CONTRACT_KEYS <= set(ck) and ck["dataset"]["synthetic"] is True
+    assert ck["weights_dtype"] == "float16"
+    assert {"quadratic_kappa", "referable_auc"} <= set(ck["metrics"]["test"])
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["checkpoint"]["sha256"] == evaluate.sha256(out / "checkpoint.pt")
+    assert result["data"]["n"] == n_test and result["data"]["images"] == "separate test folder"
+    assert result["data"]["synthetic"] is True
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Not for clinical use" in card and "synthetic" in card.lower()
+    assert "no validated clinical" in card.lower().replace("**", "")
+    assert f"{result['metrics']['quadratic_kappa']['value']:.3f}" in card
+
+
+def test_committed_demo_model_is_consistent():
+    """models/demo/ is what `make demo-model` wrote: small, synthetic, and its card matches its files."""
+    from scripts.train import REPO
+
+    out = REPO / "models" / "demo"
+    assert (out / "checkpoint.pt").stat().st_size < 5_000_000
+    _check_demo_folder(out, n_test=400)
+    model, ck = train.load_checkpoint(out / "checkpoint.pt")
+    assert ck["arch"] == "mobilenet_v3_small" and ck["preprocess"]["input_size"] == 160
