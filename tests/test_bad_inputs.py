@@ -15,7 +15,6 @@ log holds no 5xx.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import struct
 from dataclasses import dataclass
