@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from scripts import bench_inputs, bench_limit, bench_report, bench_systems
 from scripts.bench_inputs import ServeConfig
-from scripts.bench_load import MemorySampler, run_load
+from scripts.bench_load import MemorySampler, run_load, scrape, server_side
 from scripts.services import REPO
 
 SECTIONS = ("limit", "torchserve", "api", "naive", "scaling")
@@ -153,12 +153,20 @@ class Bench:
         self.report: dict = {"cells": [], "optimisations": {}}
 
     def cell(self, handle, section: str, concurrency: int, n: int, inputs, **extra) -> dict:
-        self.sampler.mark()
         load = os.getloadavg()[0]
+        before = {}
+
+        def start():
+            self.sampler.mark()
+            if handle.metrics_url:
+                before.update(scrape(handle.metrics_url))
+
         result = run_load(handle.send, len(inputs), concurrency, n, ok_status=handle.ok_status, check=handle.check,
-                          desc=f"{handle.label} c={concurrency}")
+                          desc=f"{handle.label} c={concurrency}", after_warmup=start)
         row = {"section": section, "system": handle.label, **extra, **result.to_dict(),
                "inputs": len(inputs), "load_avg_1m_before": round(load, 2), "memory_mb": self.sampler.mark()}
+        if handle.metrics_url:
+            row["torchserve_side"] = server_side(before, scrape(handle.metrics_url))
         self.report["cells"].append(row)
         msg = (f"  {handle.label:<32} c={concurrency:<3} {row['throughput_rps']:7.2f} req/s  "
                f"p50 {row.get('p50_ms', float('nan')):8.1f} ms  p99 {row.get('p99_ms', float('nan')):8.1f} ms")

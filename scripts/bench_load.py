@@ -55,7 +55,8 @@ class LoadResult:
 
 def run_load(send: Send, n_inputs: int, concurrency: int, requests_total: int, *, ok_status=(200,),
              warmup: int | None = None, desc: str = "", check: Callable[[requests.Response], bool] | None = None,
-             on_progress: Callable[[int], None] | None = None, timeout_s: float | None = None) -> LoadResult:
+             on_progress: Callable[[int], None] | None = None, timeout_s: float | None = None,
+             after_warmup: Callable[[], None] | None = None) -> LoadResult:
     """Send `requests_total` requests at `concurrency`, after `warmup` unmeasured ones.
 
     Request i sends input i mod n_inputs, so concurrent requests differ. A response
@@ -83,6 +84,8 @@ def run_load(send: Send, n_inputs: int, concurrency: int, requests_total: int, *
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda k: one(sessions[k % concurrency], k), range(warmup)))
 
+    if after_warmup:
+        after_warmup()
     bar = tqdm(total=requests_total, desc=desc, leave=False, unit="req", dynamic_ncols=True)
     spans = []
 
@@ -236,3 +239,32 @@ def role(p: psutil.Process) -> str:
 def rss_by_pid(pid: int) -> dict[int, tuple[str, float]]:
     """pid -> (role, RSS MB) for a process tree right now (the soak test's samples)."""
     return {k: (r, round(v / 2**20, 1)) for k, (r, v) in MemorySampler.tree(pid).items()}
+
+
+def scrape(metrics_url: str) -> dict[str, float]:
+    """TorchServe's Prometheus metrics, each name summed over its labels."""
+    out: dict[str, float] = {}
+    for line in requests.get(f"{metrics_url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            name = series.split("{", 1)[0]
+            try:
+                out[name] = out.get(name, 0.0) + float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def server_side(before: dict, after: dict) -> dict:
+    """What TorchServe saw during a cell: mean batch size, queue time, handler step times."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+
+    def mean(total, count, scale=1.0):
+        return round(d[total] / d[count] * scale, 2) if d.get(count) else None
+
+    return {"requests": int(d.get("ts_inference_requests_total", 0)),
+            "mean_batch_size": mean("DRBatchSize_sum", "DRBatchSize_count"),
+            "queue_ms": mean("ts_queue_latency_microseconds", "ts_inference_requests_total", 1e-3),
+            "frontend_ms": mean("ts_inference_latency_microseconds", "ts_inference_requests_total", 1e-3),
+            "preprocess_ms": mean("DRPreprocessSeconds_sum", "DRPreprocessSeconds_count", 1e3),
+            "batch_forward_ms": mean("DRInferenceSeconds_sum", "DRInferenceSeconds_count", 1e3)}

@@ -215,6 +215,22 @@ def _mem_total(cell) -> float | None:
     return entry and entry.get("total_mb")
 
 
+NOTES = [
+    "Closed-loop load: each client thread waits for its answer before sending the next request, so "
+    "throughput at concurrency c is what c busy clients get; the client (Python, requests) shares the "
+    "2 cores with the servers it measures and costs every system about the same.",
+    "The limit is what this machine does with no server at all: `fundus.prepare` and the eager forward pass "
+    "in a loop, in one process and in one process per core started together. Every server is compared "
+    "with the best of these runs.",
+    "Every TorchServe and naive process imports the CUDA build of torch (see DESIGN.md): `import torch` "
+    "alone is about 680 MB RSS here, which is most of each worker's memory; the model adds tens of MB.",
+    "The naive server does less than the API: it stores nothing and writes no rows. Ours is compared "
+    "with it anyway, end to end through the API, and with the faster of its two thread settings.",
+    "Ratios are measured side by side in one run, so they survive a busy machine better than absolute "
+    "numbers; the load average before each cell is in its row.",
+]
+
+
 def markdown(report: dict) -> str:
     meta, m, ver, st = report.get("meta", {}), report.get("machine", {}), report.get("versions", {}), \
         report.get("settings", {})
@@ -223,6 +239,10 @@ def markdown(report: dict) -> str:
          "> Speed only. The model behind these numbers is the demo model trained on **synthetic images**",
          "> (or a stand-in with the same architecture and random weights): its grades mean nothing and",
          "> nothing here says anything about clinical accuracy.", ""]
+    if report.get("findings"):
+        L += [f"Interpretation and recommended changes: [{report['findings']}]({report['findings']}).", ""]
+    if report.get("error"):
+        L += ["> **The run stopped early**; the traceback is in report.json (`error`). What was measured is below.", ""]
     if st.get("smoke"):
         L += ["> **Smoke run**: a few requests per cell, small matrix. The numbers only show the machinery works.", ""]
     model = report.get("model", {})
@@ -294,23 +314,34 @@ def markdown(report: dict) -> str:
                         [[h["input"], h["megapixels"], h["bytes"] // 1024, h["inspect"], h["header_only"], h["sha256"],
                           h["local_put"]] for h in hops])
 
-    def load_rows(cells, extra):
-        return [[*[c.get(k) for k in extra], c["concurrency"], c["throughput_rps"], c.get("p50_ms"), c.get("p95_ms"),
-                 c.get("p99_ms"), sum(c["errors"].values()), _mem_total(c), c["load_avg_1m_before"]] for c in cells]
+    def load_rows(cells, extra, server=False):
+        rows = []
+        for c in cells:
+            row = [*[c.get(k) for k in extra], c["concurrency"], c["throughput_rps"], c.get("p50_ms"), c.get("p95_ms"),
+                   c.get("p99_ms"), sum(c["errors"].values()), _mem_total(c), c["load_avg_1m_before"]]
+            if server:
+                t = c.get("torchserve_side") or {}
+                row += [t.get("mean_batch_size"), t.get("queue_ms"), t.get("preprocess_ms"), t.get("batch_forward_ms")]
+            rows.append(row)
+        return rows
 
     head = ["concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "peak RSS MB", "load 1m"]
+    server_head = ["TS mean batch", "TS queue ms", "TS preprocess ms", "TS batch forward ms"]
     if _cells(report, "torchserve"):
         L += ["## TorchServe `/predictions/dr`", "",
               "Config tag: b = batchSize, d = maxBatchDelay ms, w = workers, t = torch threads per worker. "
-              "Peak RSS is the whole TorchServe tree (Java frontend + Python workers) during the cell.", ""]
-        L += _table(["config", "variant", *head], load_rows(_cells(report, "torchserve"), ["config", "variant"]))
+              "Peak RSS is the whole TorchServe tree (Java frontend + Python workers) during the cell. "
+              "The TS columns come from TorchServe's own metrics over the cell: requests per handler call, time in "
+              "TorchServe's queue, the handler's preprocessing per image and the forward pass of each batch.", ""]
+        L += _table(["config", "variant", *head, *server_head],
+                    load_rows(_cells(report, "torchserve"), ["config", "variant"], server=True))
     if _cells(report, "api"):
         L += ["## The API end to end", "",
               "`POST /api/v1/patients/{id}/screenings` (multipart image + eye): auth, image check, SHA-256, storage, "
               "database row, TorchServe, grading row, audit row, answer. gunicorn gthread "
               f"{_cells(report, 'api')[0].get('gunicorn_workers')} workers × {_cells(report, 'api')[0].get('gunicorn_threads')} "
               "threads. Peak RSS is the gunicorn tree (SeaweedFS is listed under Memory).", ""]
-        L += _table(["backend", *head], load_rows(_cells(report, "api"), ["backend"]))
+        L += _table(["backend", *head, *server_head], load_rows(_cells(report, "api"), ["backend"], server=True))
     if _cells(report, "naive"):
         L += ["## The naive server", "",
               "`scripts/naive_server.py` under `gunicorn -w 1 -k sync`: one process, one request at a time, the model "
@@ -388,6 +419,7 @@ def markdown(report: dict) -> str:
                      for k, g in soak["growth"].items()])
 
     L += ["## GPU", "", report.get("gpu", {}).get("note", "Not run."), ""]
+    L += ["## Notes", ""] + [f"- {n}" for n in NOTES] + [""]
     L += ["## Plots", ""] + [f"![{p}]({p})" for p in report.get("plots", [])] + [""]
     return "\n".join(L)
 
@@ -560,6 +592,7 @@ def write(report: dict, out: Path) -> list[Path]:
     report["targets"] = targets(r)
     report["optimisation_rows"] = optimisations(report)
     report.setdefault("gpu", {"run": report.get("machine", {}).get("gpu") is not None, "note": GPU_NOTE})
+    report["findings"] = "findings.md" if (out / "findings.md").exists() else None
     report["plots"] = plots(report, out)
     write_json(out / "report.json", report)
     (out / "README.md").write_text(markdown(report))

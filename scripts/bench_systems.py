@@ -34,6 +34,7 @@ class Handle:
     check: Callable | None = None
     info: dict = field(default_factory=dict)
     pids: dict = field(default_factory=dict)   # label -> root pid, for the soak test's samples
+    metrics_url: str | None = None             # the TorchServe behind it, for server-side numbers
 
 
 def _graded(response: requests.Response) -> bool:
@@ -76,7 +77,7 @@ def torchserve_handle(server: TorchServe, cfg: ServeConfig, inputs: list[BenchIn
     workers = server.model_status("dr")[0].get("workers", [])
     return Handle(server.bench_label, server.inference_url, prediction_sender(server.inference_url, inputs, **kw),
                   check=_graded, info={"config": cfg.to_dict(), "workers": len(workers)},
-                  pids={server.bench_label: server.proc.pid})
+                  pids={server.bench_label: server.proc.pid}, metrics_url=server.metrics_url)
 
 
 def flask_cli(env: dict, *args: str) -> str:
@@ -169,7 +170,7 @@ def api(workdir: Path, ts: TorchServe | None, backend: str, inputs: list[BenchIn
                            "gunicorn_threads": int(env.get("GUNICORN_THREADS", 4)),
                            "extra_args": list(extra_args), "app": app,
                            "token": token, "patient_id": patient, "env": env},
-                     pids=pids)
+                     pids=pids, metrics_url=ts.metrics_url if ts else None)
     finally:
         sampler.untrack(label)
         sampler.untrack("seaweedfs")
