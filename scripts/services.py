@@ -97,8 +97,10 @@ class Process:
         )
         log.close()
 
+    cwd: Path | None = None  # where the process runs; None means its work directory
+
     def start(self, timeout: float = 60):
-        self._spawn()
+        self._spawn(self.cwd)
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -342,18 +344,13 @@ class Gunicorn(Process):
     def command(self) -> list[str]:
         return [str(VENV_BIN / "gunicorn"), "-c", str(REPO / "gunicorn.conf.py"), self.app]
 
+    cwd = REPO  # gunicorn.conf.py imports control_api from the repository
+
     def start(self, timeout: float = 60):
         prom = Path(self.env["PROMETHEUS_MULTIPROC_DIR"])
         shutil.rmtree(prom, ignore_errors=True)  # stale multiprocess files would skew counters
         prom.mkdir(parents=True)
-        self._spawn(cwd=REPO)
-        try:
-            self.wait_ready(timeout)
-        except BaseException:
-            tail = self.log_tail()
-            self.stop()
-            raise RuntimeError(f"gunicorn did not become ready; last log lines:\n{tail}") from None
-        return self
+        return super().start(timeout)
 
     def wait_ready(self, timeout: float) -> None:
         def healthy() -> bool:
