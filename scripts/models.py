@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Manage model versions on TorchServe.")
     p.add_argument("--management", default=DEFAULT_MANAGEMENT,
                    help="management API URL (env TORCHSERVE_MANAGEMENT_URL)")
-    p.add_argument("--model-store", type=Path, default=Path(os.environ.get("MODEL_STORE", "model_store")),
-                   help="where archives and .defaults.json live (env MODEL_STORE)")
+    p.add_argument("--model-store", type=Path, default=Path(os.environ.get("MODEL_PATH", "model_store")),
+                   help="where archives and .defaults.json live (env MODEL_PATH)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list")
     sub.add_parser("describe").add_argument("name")

@@ -23,7 +23,8 @@ from scripts.services import REPO, VENV_BIN, Gunicorn, SeaweedS3, TorchServe
 DEMO_CHECKPOINT = REPO / "models" / "demo" / "checkpoint.pt"
 DEMO_VERSION = "1.0"
 MODEL_NAME = "dr"
-MODEL_STORE = REPO / "model_store"
+# MODEL_PATH: the deployment guide's name for the model store (the container uses it too).
+MODEL_STORE = Path(os.environ.get("MODEL_PATH") or REPO / "model_store").resolve()
 VAR = REPO / "var"
 SAMPLE = REPO / "samples" / "right_normal_600.jpg"
 STACK_DATABASE = "clarity"

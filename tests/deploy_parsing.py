@@ -421,3 +421,19 @@ def pins_from_lines(text: str) -> dict[str, str]:
             name, version = line.split("==", 1)
             out[canonical(name)] = version.strip()
     return out
+
+
+SERVE_SECTION = "# === TorchServe container"
+
+
+def env_example_sections(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(API settings, TorchServe container settings) of .env.example, split at the serve header."""
+    text = path.read_text()
+    api, _, serve = text.partition(SERVE_SECTION)
+
+    def names(part: str) -> dict[str, str]:
+        pairs = re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", part, flags=re.M)
+        assert len(pairs) == len({k for k, _ in pairs}), "a setting is listed twice"
+        return dict(pairs)
+
+    return names(api), names(serve)

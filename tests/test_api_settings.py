@@ -1,24 +1,17 @@
 """Settings come from the environment, and .env.example documents exactly those."""
-import re
 from pathlib import Path
 
 import pytest
 
 from control_api.settings import ENV_VARS, Settings, SettingsError
+from tests.deploy_parsing import env_example_sections
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_env_example_lists_exactly_the_settings_the_code_reads():
-    text = (REPO / ".env.example").read_text()
-    documented = re.findall(r"^([A-Z][A-Z0-9_]*)=", text, flags=re.M)
-    assert len(documented) == len(set(documented)), "a setting is listed twice"
-    assert sorted(documented) == sorted(ENV_VARS)
-
-
 def test_env_example_defaults_parse_to_the_code_defaults():
-    values = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", (REPO / ".env.example").read_text(), flags=re.M))
-    assert Settings.from_env(values) == Settings()
+    api, _ = env_example_sections(REPO / ".env.example")
+    assert Settings.from_env(api) == Settings()
 
 
 def test_defaults():

@@ -27,6 +27,7 @@ import yaml
 from botocore.validate import ParamValidator
 
 from tests.deploy_parsing import (address_port, copied_to, copies, distributions_for, dockerignore_patterns,
+                                  env_example_sections,
                                   dockerignored, exposed_ports, healthcheck_command, image_user,
                                   installed_closure, interpolate, nginx_seconds, nginx_size, parse_dockerfile,
                                   parse_nginx, parse_properties, pins, requirement_names, setup_cfg_requirements,
@@ -372,11 +373,17 @@ def test_compose_api_environment_is_read_by_the_code(compose, settings_module):
 
 
 def test_env_example_lists_exactly_the_settings(settings_module):
-    path = require(REPO / ".env.example", "the control API part")
-    names = [ln.split("=", 1)[0].strip() for ln in path.read_text().splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#")]
-    assert len(names) == len(set(names)), "a setting is listed twice"
-    assert set(names) == set(settings_module.ENV_VARS)
+    """The API section is exactly what control_api/settings.py reads; the serve section exactly
+    what the TorchServe container's entrypoint and the handler read that an operator may set."""
+    api, serve = env_example_sections(require(REPO / ".env.example", "the control API part"))
+    assert set(api) == set(settings_module.ENV_VARS)
+    entrypoint = (REPO / "deploy/torchserve/entrypoint.sh").read_text()
+    handler = (REPO / "handlers/dr_handler.py").read_text()
+    read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", entrypoint)) | set(re.findall(r'environ.get\("([A-Z_]+)"', handler))
+    # Image internals (paths inside the image) are set by the Dockerfile, not by operators.
+    internal = {"TS_CONFIG_FILE", "BAKED_MODELS", "SERVE_LOG_CONFIG", "TEMP"}
+    assert set(serve) == read - internal
+    assert "MODEL_PATH" in serve, "the deployment guide's name for the model store"
 
 
 def test_gunicorn_binds_the_container_interface(compose, monkeypatch):
@@ -575,7 +582,7 @@ def test_serve_image_torchserve_config(serve_df, repo_ts_config, compose, defaul
     assert cfg["metrics_mode"] == "prometheus"
     env = serve_df.env(serve_df.final_stage)
     store = cfg["model_store"]
-    assert env["MODEL_STORE"] == store and env["TS_CONFIG_FILE"] == "/home/model-server/config.properties"
+    assert env["MODEL_PATH"] == store and env["TS_CONFIG_FILE"] == "/home/model-server/config.properties"
     assert any(v.endswith(f":{store}") for v in compose["services"]["torchserve"]["volumes"])
     (c,) = read_json(TASK_DEFINITIONS["torchserve"])["containerDefinitions"]
     assert store in {m["containerPath"] for m in c["mountPoints"]}, "ECS: the store is a writable volume too"
@@ -768,7 +775,7 @@ def test_entrypoint_serves_the_model_and_stops_cleanly_on_sigterm(tmp_path, mode
                       + (DEPLOY / "torchserve" / "container.properties").read_text())
     ports = {kind: free_port() for kind in ("INFERENCE", "MANAGEMENT", "METRICS")}
     (tmp_path / "tmp").mkdir()
-    env = {**os.environ, "TS_CONFIG_FILE": str(config), "MODEL_STORE": str(store), "BAKED_MODELS": str(baked),
+    env = {**os.environ, "TS_CONFIG_FILE": str(config), "MODEL_PATH": str(store), "BAKED_MODELS": str(baked),
            "MODEL_VERSION": "1.0",
            "SERVE_LOG_CONFIG": str(DEPLOY / "torchserve" / "log4j2.xml"), "TEMP": str(tmp_path / "tmp"),
            "TS_METRICS_CONFIG": str(REPO / "metrics.yaml"), "DR_TORCH_THREADS": "1",

@@ -8,7 +8,7 @@
 set -eu
 
 : "${TS_CONFIG_FILE:=/home/model-server/config.properties}"
-: "${MODEL_STORE:=/home/model-server/model-store}"
+: "${MODEL_PATH:=/home/model-server/model-store}"
 : "${BAKED_MODELS:=/home/model-server/baked}"
 : "${SERVE_LOG_CONFIG:=/home/model-server/log4j2.xml}"
 : "${TEMP:=/tmp}"
@@ -29,7 +29,7 @@ mkdir -p "$TEMP"
 # Archive versions are immutable, so one already there is never replaced.
 for mar in "$BAKED_MODELS"/*.mar; do
   [ -e "$mar" ] || continue
-  [ -e "$MODEL_STORE/${mar##*/}" ] || cp "$mar" "$MODEL_STORE/"
+  [ -e "$MODEL_PATH/${mar##*/}" ] || cp "$mar" "$MODEL_PATH/"
 done
 
 # SERVE_MODELS is a space-separated list: word splitting is wanted here.
@@ -37,7 +37,7 @@ done
 torchserve --start --foreground --ncs \
   --ts-config "$TS_CONFIG_FILE" \
   --log-config "$SERVE_LOG_CONFIG" \
-  --model-store "$MODEL_STORE" \
+  --model-store "$MODEL_PATH" \
   --models $SERVE_MODELS &
 launcher=$!
 
