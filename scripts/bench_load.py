@@ -20,7 +20,7 @@ import requests
 from tqdm import tqdm
 from urllib3 import encode_multipart_formdata
 
-# A request: (session, input index) -> (status, response body or None on success checks)
+# A request: (session, input index) -> the response.
 Send = Callable[[requests.Session, int], requests.Response]
 
 

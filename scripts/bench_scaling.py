@@ -22,7 +22,6 @@ from tqdm import tqdm
 from scripts import bench_systems
 from scripts.bench_inputs import ServeConfig
 from scripts.bench_load import MemorySampler, rss_by_pid, run_load, stats
-from scripts.services import PostgresDatabase
 
 PER_PATIENT = 10
 TARGET_SCREENINGS = 20       # the patient whose listing and summary are timed
