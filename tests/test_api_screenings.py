@@ -104,6 +104,34 @@ def test_undecodable_is_422(app, client, clinician, patient, data, code):
     assert stored_keys(app) == []
 
 
+def truncated_jpeg() -> bytes:
+    """A JPEG whose header reads fine but whose scan ends early."""
+    data = image_bytes(size=(512, 512))
+    return data[: len(data) // 2]
+
+
+def test_pixels_are_left_to_the_model_server(app, client, clinician, patient, fake_torchserve):
+    """The upload reads only the header; the model server's rejection removes what was stored."""
+    response = upload(client, clinician, patient["id"], truncated_jpeg())
+    assert response.status_code == 422
+    assert response.json["error"]["code"] == "corrupt_image"  # the (fake) model server's verdict
+    assert len(fake_torchserve.calls) == 1
+    with app.app_context():
+        assert Screening.select().count() == 0
+    assert stored_keys(app) == []
+
+
+def test_undecodable_is_not_kept_pending_when_torchserve_is_down(app, client, clinician, patient,
+                                                                  fake_torchserve):
+    fake_torchserve.mode = "down"
+    response = upload(client, clinician, patient["id"], truncated_jpeg())
+    assert response.status_code == 422
+    assert response.json["error"]["code"] == "undecodable_image"
+    with app.app_context():
+        assert Screening.select().count() == 0 and Grading.select().count() == 0
+    assert stored_keys(app) == []
+
+
 @pytest.mark.parametrize("fields, bad", [
     ({"eye": "middle"}, "eye"),
     ({"captured_at": "last tuesday"}, "captured_at"),

@@ -156,6 +156,12 @@ def create_screening(form, patient_id):
     try:
         grade(get_client(), screening, data)
     except (TorchServeUnavailable, UnknownModelVersion) as exc:
+        # No model read the bytes, so check them here: an undecodable image is never kept pending.
+        try:
+            images.verify_decodable(data, info)
+        except ApiError:
+            _discard(screening)
+            raise
         release(screening)
         metrics.SCREENINGS.labels("pending").inc()
         log.warning("grading deferred", extra={"screening_id": str(screening.id), "reason": str(exc)})

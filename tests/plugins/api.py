@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import PIL.Image
 import pytest
 
 from control_api import create_app, migrations
@@ -43,6 +44,12 @@ class FakeTorchServe:
             raise TorchServeUnavailable("TorchServe is unreachable")
         if self.mode == "reject":
             raise ImageRejected(422, "truncated_image", "The image data ends early.")
+        # Like the real handler: bytes that do not decode are that request's 422.
+        try:
+            with PIL.Image.open(io.BytesIO(image)) as img:
+                img.load()
+        except Exception:
+            raise ImageRejected(422, "corrupt_image", "The image data could not be decoded.") from None
         if version is not None and version not in self.versions:
             raise UnknownModelVersion(version)
         model = {"name": "dr", "version": version or self.default_version, "synthetic_training_data": True}
