@@ -38,11 +38,20 @@ def test_archive_holds_handler_modules_weights_meta_config_and_card(model_store)
 
     config = yaml.safe_load(files["model-config.yaml"])
     assert config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 100,
-                      "responseTimeout": 60}
+                      "responseTimeout": 60, "handler": {"torch_threads": 1}}
 
     card = files["MODEL_CARD.md"].decode()
     assert "Not for clinical use" in card and meta["weights_sha256"] in card
     assert (model_store / "dr_1.0.md").read_text() == card
+
+
+def test_default_config_leaves_workers_to_torchserve(tmp_path, tiny_checkpoint):
+    """Defaults: one single-threaded worker per core (TorchServe decides), 5 ms batch delay."""
+    mar = archive.archive(tiny_checkpoint, "3.0", model_store=tmp_path)
+    with zipfile.ZipFile(mar) as z:
+        config = yaml.safe_load(z.read("model-config.yaml"))
+    assert config == {"batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 60,
+                      "handler": {"torch_threads": 1}}
 
 
 def test_weights_are_a_float32_state_dict(tmp_path, tiny_checkpoint):
