@@ -44,11 +44,11 @@ def ensure_demo_model() -> Path:
 
 
 class LogFollower(threading.Thread):
-    """Prints the lines appended to a log file with a prefix, like `tail -F`."""
+    """Prints the lines appended to a log file with a prefix, like `tail -F`, minus `noise`."""
 
-    def __init__(self, path: Path, prefix: str, stop: threading.Event):
+    def __init__(self, path: Path, prefix: str, stop: threading.Event, noise: tuple[str, ...] = ()):
         super().__init__(daemon=True)
-        self.path, self.prefix, self.stop = path, prefix, stop
+        self.path, self.prefix, self.stop, self.noise = path, prefix, stop, noise
 
     def run(self) -> None:
         while not self.path.exists() and not self.stop.is_set():
@@ -57,10 +57,10 @@ class LogFollower(threading.Thread):
             f.seek(0, os.SEEK_END)
             while not self.stop.is_set():
                 line = f.readline()
-                if line:
-                    print(f"{self.prefix} {line.rstrip()}", flush=True)
-                else:
+                if not line:
                     time.sleep(0.2)
+                elif not any(n in line for n in self.noise):
+                    print(f"{self.prefix} {line.rstrip()}", flush=True)
 
 
 def _postgres_url() -> str:
@@ -81,8 +81,9 @@ def _postgres_url() -> str:
 
 
 def _banner(api_url: str, env: dict) -> str:
-    env_prefix = " ".join(f"{k}={v}" for k, v in env.items() if k in ("DATABASE_URL", "STORAGE_BACKEND",
-                                                                      "S3_ENDPOINT_URL", "LOCAL_STORAGE_DIR"))
+    # The key must land in the database the API uses; on the embedded defaults that is the
+    # settings' own default (var/clarity.db from the repository root), so no prefix is needed.
+    env_prefix = f"DATABASE_URL={env['DATABASE_URL']} " if "DATABASE_URL" in env else ""
     return f"""
 ================================================================================
  Clarity in Care is running (Ctrl-C stops everything)
@@ -91,7 +92,7 @@ def _banner(api_url: str, env: dict) -> str:
  The demo model is trained on SYNTHETIC images: its grades are not for clinical use.
 
  1. Make an API key (shown once):
-    {env_prefix} .venv/bin/flask --app control_api keys create --role clinician --label demo
+    {env_prefix}.venv/bin/flask --app control_api keys create --role clinician --label demo
  2. Grade the sample photograph shipped in samples/:
     KEY=<the key>
     PATIENT=$(curl -s -X POST {api_url}/api/v1/patients -H "Authorization: Bearer $KEY" \\
@@ -112,10 +113,9 @@ def run(args: argparse.Namespace) -> int:
     VAR.mkdir(exist_ok=True)
     processes = []
     stop = threading.Event()
+    # Embedded defaults (SQLite var/clarity.db, images in var/images) are the settings' own,
+    # relative to the repository root where gunicorn and the CLI run.
     env = {
-        "DATABASE_URL": f"sqlite:///{VAR / 'clarity.db'}",
-        "STORAGE_BACKEND": "local",
-        "LOCAL_STORAGE_DIR": str(VAR / "images"),
         "TORCHSERVE_INFERENCE_URL": "http://127.0.0.1:8080",
         "TORCHSERVE_MANAGEMENT_URL": "http://127.0.0.1:8081",
         "TORCHSERVE_MODEL_NAME": MODEL_NAME,
@@ -144,13 +144,19 @@ def run(args: argparse.Namespace) -> int:
         print("starting the API (gunicorn) ...", flush=True)
         api.start()
 
-        for path, prefix in ((api.log_path, "[api]"), (ts.log_dir / "ts_log.log", "[torchserve]"),
-                             (ts.log_dir / "model_log.log", "[model]")):
-            LogFollower(path, prefix, stop).start()
+        # TorchServe's own log repeats every request at DEBUG and carries per-request metrics;
+        # the access lines and the model's log say what happened.
+        ts_noise = ("[DEBUG]", "[METRICS]", "Backend response time", "result=[METRICS]")
+        for path, prefix, noise in ((api.log_path, "[api]", ()),
+                                    (ts.log_dir / "ts_log.log", "[torchserve]", ts_noise),
+                                    (ts.log_dir / "model_log.log", "[model]", ts_noise)):
+            LogFollower(path, prefix, stop, noise).start()
         print(_banner(api.url, env), flush=True)
 
-        # Ctrl-C and SIGTERM (docker stop, systemd) both end in the finally block below.
+        # Ctrl-C and SIGTERM (docker stop, systemd) both end in the finally block below. SIGINT is
+        # set explicitly: a shell starting this in the background would have it ignored.
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
         while all(p.running for p in processes):
             time.sleep(0.5)
         dead = [p.name for p in processes if not p.running]
