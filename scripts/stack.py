@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
 
         # TorchServe's own log repeats every request at DEBUG and carries per-request metrics;
         # the access lines and the model's log say what happened.
-        ts_noise = ("[DEBUG]", "[METRICS]", "Backend response time", "result=[METRICS]")
+        ts_noise = ("[DEBUG]", "[METRICS]", "Backend response time", "Sending response for jobId",
+                    "Backend received inference")
         for path, prefix, noise in ((api.log_path, "[api]", ()),
                                     (ts.log_dir / "ts_log.log", "[torchserve]", ts_noise),
                                     (ts.log_dir / "model_log.log", "[model]", ts_noise)):
