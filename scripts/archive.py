@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import torch
 
 from handlers import fundus
 from handlers.model import ARCHS, DRNet
+from scripts.files import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLERS = REPO / "handlers"
@@ -84,14 +84,6 @@ def float32_state_dict(ck: dict) -> tuple[dict, int]:
     state = {k: (v.float() if v.is_floating_point() else v).contiguous()
              for k, v in model.state_dict().items()}
     return state, sum(p.numel() for p in model.parameters())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_meta(ck: dict, name: str, version: str, weights_sha256: str) -> dict:

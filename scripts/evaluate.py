@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from handlers import fundus
 from scripts import datasets
+from scripts.files import sha256_file as sha256
 from scripts.train import GRADE_LABELS, load_checkpoint, predict, qwk, save_atomic
 
 CI_LEVEL = 0.95
@@ -296,14 +296,6 @@ def record_in_checkpoint(checkpoint: Path, result: dict) -> None:
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     ck.setdefault("metrics", {})["test"] = summary(result)
     save_atomic(ck, checkpoint)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main(argv=None):
