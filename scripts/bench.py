@@ -7,10 +7,13 @@ On the same inputs (the photographs in samples/ and resized 1/3/9 MP JPEG and PN
 cached under var/bench/) it measures:
 - limit:      preprocessing + forward pass in-process, batch 1 and 8, one process and one per core;
               preprocessing split into its steps; draft-mode vs full JPEG decode; TorchScript vs eager;
-- torchserve: POST /predictions at each concurrency, for batch sizes 1, 4 and 8 and two variants
-              (the archive's default 50 ms batch delay; one worker with two threads); connection reuse;
+- torchserve: POST /predictions at each concurrency, for batch sizes 1, 4 and 8 on the archive's
+              defaults (5 ms batch delay, one single-threaded worker per core), and the settings
+              those defaults replaced, as before/after pairs (a 50 ms delay; one worker with two
+              torch threads; both at once); connection reuse;
 - api:        the control API end to end (upload -> storage -> TorchServe -> database -> answer), on
-              SQLite + local storage and on PostgreSQL + SeaweedFS S3;
+              SQLite + local storage and on PostgreSQL + SeaweedFS S3, and on SQLite + local storage
+              with the image check it replaced (a decode of every upload: scripts/bench_app.py);
 - naive:      scripts/naive_server.py, one synchronous gunicorn worker with the model in-process;
 - scaling:    listing and summary latency at 1k..1M screenings in PostgreSQL with EXPLAIN plans,
               and process memory over a long run of uploads (the soak).
@@ -41,7 +44,6 @@ from scripts.bench_load import MemorySampler, run_load, scrape, server_side
 from scripts.services import REPO
 
 SECTIONS = ("limit", "torchserve", "api", "naive", "scaling")
-HEADER_ONLY = "embedded+header-only-inspect"
 OUT = REPO / "docs" / "benchmarks"
 
 
@@ -50,10 +52,10 @@ class Plan:
     concurrency: tuple
     requests: int
     serve_configs: list            # the batch-size matrix
-    variants: list                 # other TorchServe settings, measured the same way
+    variants: dict                 # settings the archive's defaults replaced -> what changed
     api_config: ServeConfig        # the TorchServe behind the API cells
     api_backends: tuple
-    api_variant_concurrency: tuple  # the API with the header-only image check
+    api_before_concurrency: tuple  # the API with the image check it had before (a full decode)
     naive_concurrency: tuple
     repeats: int                   # per preprocessing step and input
     limit_requests: int
@@ -69,9 +71,10 @@ class Plan:
     def to_dict(self) -> dict:
         return {"concurrency": list(self.concurrency), "requests_per_cell": self.requests,
                 "torchserve_configs": [c.to_dict() for c in self.serve_configs],
-                "torchserve_variants": [c.to_dict() for c in self.variants],
+                "torchserve_variants": [{**c.to_dict(), "replaced_by_defaults": what}
+                                        for c, what in self.variants.items()],
                 "api_torchserve_config": self.api_config.to_dict(), "api_backends": list(self.api_backends),
-                "api_variant_concurrency": list(self.api_variant_concurrency),
+                "api_before_concurrency": list(self.api_before_concurrency),
                 "naive_concurrency": list(self.naive_concurrency), "preprocess_repeats": self.repeats,
                 "limit_requests": self.limit_requests, "scaling_rows": list(self.rows),
                 "soak_requests": self.soak_requests, "soak_sample_every": self.soak_every,
@@ -79,20 +82,25 @@ class Plan:
                 "smoke": self.smoke}
 
 
-# One worker per core with one torch thread each: docs/model-serving.md's advice for small CPU hosts.
-# Batch 4: the best of the matrix in the first runs here. Preprocessing, which is not batched, costs
-# 5-10x the forward pass per image, so larger batches mostly make a batch's requests wait on each other.
-TUNED = ServeConfig(batch_size=4, max_batch_delay_ms=5, workers=2, torch_threads=1)
-B8 = ServeConfig(batch_size=8, max_batch_delay_ms=5, workers=2, torch_threads=1)
+# What scripts/archive.py builds by default: batch 8, 5 ms delay, workers not pinned (TorchServe
+# starts one per CPU core) and one torch thread each. The API cells run on it.
+DEFAULTS = ServeConfig(batch_size=8, max_batch_delay_ms=5, workers=None, torch_threads=1)
+# The archive defaults these replaced (commit 4395ee9), one setting at a time and all together:
+# the before halves of the before/after pairs. Torch's default thread count is one per core.
+CORES = os.cpu_count() or 1
+BEFORE_DELAY = ServeConfig(8, 50, None, 1)
+BEFORE_THREADS = ServeConfig(8, 5, 1, CORES)
+BEFORE_ALL = ServeConfig(8, 50, 1, CORES)
 
 
 def full_plan() -> Plan:
     return Plan(
         concurrency=(1, 4, 8, 16), requests=104,  # 104 = 8 passes over the 13 inputs
-        serve_configs=[ServeConfig(1, 5, 2, 1), TUNED, B8],
-        variants=[ServeConfig(8, 50, 2, 1),   # the archive's default batch delay
-                  ServeConfig(8, 5, 1, 2)],   # one worker using both cores for torch
-        api_config=TUNED, api_backends=("embedded", "postgres-s3"), api_variant_concurrency=(1, 8),
+        serve_configs=[ServeConfig(1, 5, None, 1), ServeConfig(4, 5, None, 1), DEFAULTS],
+        variants={BEFORE_DELAY: "maxBatchDelay 50 → 5 ms",
+                  BEFORE_THREADS: f"1 worker × {CORES} torch threads → 1 worker per core × 1 thread",
+                  BEFORE_ALL: "all of the old archive defaults → the new ones"},
+        api_config=DEFAULTS, api_backends=("embedded", "postgres-s3"), api_before_concurrency=(1, 8),
         naive_concurrency=(1, 4, 8, 16),
         repeats=5, limit_requests=104, rows=(1_000, 10_000, 100_000, 1_000_000),
         soak_requests=10_000, soak_every=500, scaling_calls=40)
@@ -100,8 +108,8 @@ def full_plan() -> Plan:
 
 def smoke_plan() -> Plan:
     return Plan(
-        concurrency=(1, 4), requests=8, serve_configs=[TUNED], variants=[], api_config=TUNED,
-        api_backends=("embedded", "postgres-s3"), api_variant_concurrency=(1,), naive_concurrency=(1, 4), repeats=1,
+        concurrency=(1, 4), requests=8, serve_configs=[DEFAULTS], variants={}, api_config=DEFAULTS,
+        api_backends=("embedded", "postgres-s3"), api_before_concurrency=(1,), naive_concurrency=(1, 4), repeats=1,
         limit_requests=8,
         rows=(1_000,), soak_requests=40, soak_every=10, scaling_calls=5, thread_counts=(1,),
         parallel_batches=(8,), smoke=True)
@@ -218,7 +226,7 @@ class Bench:
                 variant = cfg not in plan.serve_configs
                 for c in plan.concurrency:
                     self.cell(handle, "torchserve", c, plan.requests, inputs, config=cfg.tag, variant=variant,
-                              batch_size=cfg.batch_size)
+                              batch_size=cfg.batch_size, torchserve_workers=handle.info["workers"])
                 if cfg == plan.api_config:
                     self._connection_reuse(server, cfg, inputs)
                     if "api" in self.only:
@@ -238,13 +246,13 @@ class Bench:
 
     def api_section(self, ts, inputs) -> None:
         plan = self.plan
-        runs = [(backend, "control_api.wsgi:app", plan.concurrency) for backend in plan.api_backends]
-        # The proposed header-only image check (scripts/bench_app.py), before/after on the same TorchServe.
-        runs.append((HEADER_ONLY, "scripts.bench_app:app", plan.api_variant_concurrency))
-        for label, app, levels in runs:
-            backend = "embedded" if label == HEADER_ONLY else label
+        runs = [(backend, backend, "control_api.wsgi:app", plan.concurrency) for backend in plan.api_backends]
+        # The image check the API had before (scripts/bench_app.py), before/after on the same TorchServe.
+        runs.append((bench_report.DECODE_CHECK, "embedded", "scripts.bench_app:app", plan.api_before_concurrency))
+        for label, backend, app, levels in runs:
             tqdm.write(f"api {label} (TorchServe {plan.api_config.tag})")
-            with bench_systems.api(self.work / f"api-{label}", ts, backend, inputs, self.sampler, app=app,
+            workdir = self.work / f"api-{label.split(' ')[0]}"
+            with bench_systems.api(workdir, ts, backend, inputs, self.sampler, app=app,
                                    label=f"api {label}") as handle:
                 for c in levels:
                     self.cell(handle, "api", c, plan.requests, inputs, backend=label, config=plan.api_config.tag,

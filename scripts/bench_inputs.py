@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from scripts.files import sha256_file
 from scripts.services import REPO
 
 SAMPLES = REPO / "samples"
@@ -94,14 +95,6 @@ def smoke_inputs(all_inputs: list[BenchInput]) -> list[BenchInput]:
     return [i for i in all_inputs if i.name in wanted]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint(cache: Path = CACHE) -> tuple[Path, dict]:
     """(path, description) of the model to benchmark: the demo checkpoint, or a stand-in of the
     same kind with random weights while the demo one does not exist. Speed does not depend on
@@ -166,22 +159,34 @@ class ServeConfig:
 
     batch_size: int
     max_batch_delay_ms: int
-    workers: int
+    workers: int | None    # None: not pinned in the archive, so TorchServe starts one per CPU core
     torch_threads: int
 
     @property
     def tag(self) -> str:
-        return f"b{self.batch_size}-d{self.max_batch_delay_ms}-w{self.workers}-t{self.torch_threads}"
+        workers = self.workers or "cores"
+        return f"b{self.batch_size}-d{self.max_batch_delay_ms}-w{workers}-t{self.torch_threads}"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tag": self.tag}
 
 
+def code_fingerprint() -> str:
+    """SHA-256 over what goes into an archive besides the weights: the handler modules and the
+    archiver. A cached .mar built from older code would benchmark that older code."""
+    from scripts import archive
+
+    h = hashlib.sha256()
+    for path in sorted(archive.HANDLERS.glob("*.py")) + [Path(archive.__file__)]:
+        h.update(path.name.encode() + b"\0" + sha256_file(path).encode())
+    return h.hexdigest()
+
+
 def archive_for(ck_path: Path, ck_sha256: str, cfg: ServeConfig, cache: Path = CACHE) -> Path:
-    """The .mar for this checkpoint and configuration, built once into a per-checkpoint store."""
+    """The .mar for this checkpoint, code and configuration, built once into a store per checkpoint and code."""
     from scripts.archive import archive, mar_path
 
-    store = Path(cache) / "model_store" / ck_sha256[:12]
+    store = Path(cache) / "model_store" / f"{ck_sha256[:12]}-{code_fingerprint()[:12]}"
     path = mar_path(store, "dr", cfg.tag)
     if not path.exists():
         archive(ck_path, cfg.tag, name="dr", model_store=store, batch_size=cfg.batch_size,

@@ -10,7 +10,8 @@ RATIO_KEYS = ("torchserve_over_limit", "api_over_torchserve", "api_over_torchser
               "api_added_p50_ms", "ours_over_naive", "ours_p99_over_naive_p99", "torchserve_over_naive",
               "ours_over_naive_default_threads", "draft_decode_over_full_decode",
               "preprocess_over_full_decode_resize")
-HEADER_ONLY = "embedded+header-only-inspect"
+# The API with the image check it had before commit 8c20c3e (a decode of every upload): scripts/bench_app.py.
+DECODE_CHECK = "embedded+decode-check (before)"
 PLOTS = ("throughput.png", "latency.png", "memory.png", "preprocess.png", "scaling_rows.png", "soak_memory.png")
 
 
@@ -93,22 +94,22 @@ def ratios(report: dict) -> dict:
                                                      _mean([r["full_decode_resize"] for r in big]))
     why["preprocess_over_full_decode_resize"] = ("fundus.prepare (decode, disc, quality, crop, normalise) ÷ a full "
                                                  "decode plus a resize of the whole photograph, 9–11 MP JPEGs")
-    # The same three API comparisons with the proposed header-only image check (scripts/bench_app.py).
-    variant = _cells(report, "api", backend=HEADER_ONLY)
+    # The same API comparisons with the image check the API had before (scripts/bench_app.py).
+    variant = _cells(report, "api", backend=DECODE_CHECK)
     v_best, v1, v_c8 = _best(variant), _at(variant, 1), _at(variant, c8)
     ts_ref = _best(ts_api)
-    proposed = {
+    before = {
         "api_over_torchserve": _div(v_best and v_best["throughput_rps"], ts_ref and ts_ref["throughput_rps"]),
         "api_added_p50_ms": round(v1["p50_ms"] - ts1["p50_ms"], 2) if v1 and ts1 else None,
         "ours_over_naive": _div(v_c8 and v_c8["throughput_rps"], base and base["throughput_rps"]),
         "ours_p99_over_naive_p99": _div(v_c8 and v_c8.get("p99_ms"), base and base.get("p99_ms")),
     }
     return {"values": out, "compares": why, "ours_vs_naive_concurrency": c8,
-            "with_header_only_check": {k: v for k, v in proposed.items() if v is not None}}
+            "before_with_decode_check": {k: v for k, v in before.items() if v is not None}}
 
 
 def targets(r: dict) -> list[dict]:
-    v, proposed = r["values"], r.get("with_header_only_check", {})
+    v, before = r["values"], r.get("before_with_decode_check", {})
 
     def judge(value, threshold, at_most):
         if value is None:
@@ -121,9 +122,8 @@ def targets(r: dict) -> list[dict]:
         met, margin = judge(value, threshold, at_most)
         out = {"target": name, "key": key, "value": value, "threshold": threshold,
                "rule": f"{'≤' if at_most else '≥'} {threshold}{unit}", "met": met, "margin": margin}
-        if key in proposed:
-            out["with_header_only_check"] = {"value": proposed[key],
-                                             "met": judge(proposed[key], threshold, at_most)[0]}
+        if key in before:
+            out["before_with_decode_check"] = {"value": before[key], "met": judge(before[key], threshold, at_most)[0]}
         return out
 
     return [
@@ -136,6 +136,15 @@ def targets(r: dict) -> list[dict]:
             "ours_over_naive", 1.0, False),
         row("ours has a better tail: p99 ÷ naive p99 < 1", "ours_p99_over_naive_p99", 1.0, True),
     ]
+
+
+def _load_pair(name: str, before: dict, after: dict, identical: str, status: str) -> dict:
+    """An optimisation row from two load cells at the same concurrency: the gain is in throughput."""
+    def said(c):
+        return f"{c['throughput_rps']:.2f} req/s, p50 {c.get('p50_ms')} ms, p99 {c.get('p99_ms')} ms"
+
+    return {"name": name, "before": said(before), "after": said(after),
+            "gain": _div(after["throughput_rps"], before["throughput_rps"]), "identical": identical, "status": status}
 
 
 def optimisations(report: dict) -> list[dict]:
@@ -169,35 +178,29 @@ def optimisations(report: dict) -> list[dict]:
                         "status": "measured"})
     cells = _cells(report, "torchserve")
     by = {(c["config"], c["concurrency"]): c for c in cells}
-    tags = {c["config"] for c in cells}
-    for before_tag, after_tag, what in (("b8-d50-w2-t1", "b8-d5-w2-t1", "maxBatchDelay 50 → 5 ms"),
-                                        ("b8-d5-w1-t2", "b8-d5-w2-t1", "1 worker × 2 threads → 2 workers × 1 thread")):
-        if before_tag in tags and after_tag in tags:
-            for c in sorted({k[1] for k in by}):
-                a, b = by.get((before_tag, c)), by.get((after_tag, c))
-                if a and b:
-                    out.append({"name": f"TorchServe {what}, c={c}",
-                                "before": f"{a['throughput_rps']:.2f} req/s, p50 {a.get('p50_ms')} ms",
-                                "after": f"{b['throughput_rps']:.2f} req/s, p50 {b.get('p50_ms')} ms",
-                                "gain": _div(b["throughput_rps"], a["throughput_rps"]),
-                                "identical": "same handler and weights", "status": "archive/registration setting"})
+    settings = report.get("settings", {})
+    after_tag = (settings.get("api_torchserve_config") or {}).get("tag")
+    for variant in settings.get("torchserve_variants", []):
+        before_tag, what = variant["tag"], variant.get("replaced_by_defaults", "variant")
+        for c in sorted({k[1] for k in by}):
+            a, b = by.get((before_tag, c)), by.get((after_tag, c))
+            if a and b and before_tag != after_tag:
+                out.append(_load_pair(f"TorchServe {what} ({before_tag} → {after_tag}), c={c}", a, b,
+                                      "same handler and weights", "applied: scripts/archive.py defaults (4395ee9)"))
     api = {c["concurrency"]: c for c in _cells(report, "api", backend="embedded")}
-    for c in _cells(report, "api", backend=HEADER_ONLY):
-        a = api.get(c["concurrency"])
-        if a:
-            out.append({"name": f"API image check reads the header only (scripts/bench_app.py), c={c['concurrency']}",
-                        "before": f"{a['throughput_rps']:.2f} req/s, p50 {a.get('p50_ms')} ms",
-                        "after": f"{c['throughput_rps']:.2f} req/s, p50 {c.get('p50_ms')} ms",
-                        "gain": _div(c["throughput_rps"], a["throughput_rps"]),
-                        "identical": "same grades; a truncated file is refused by TorchServe (422) instead",
-                        "status": "recommendation (control_api/images.py)"})
+    for a in _cells(report, "api", backend=DECODE_CHECK):
+        b = api.get(a["concurrency"])
+        if b:
+            out.append(_load_pair(f"API image check reads the header only, c={a['concurrency']}", a, b,
+                                  "same grades; a truncated file is refused by TorchServe (422) instead",
+                                  "applied: control_api/images.py (8c20c3e)"))
     hops = (report.get("limit") or {}).get("api_hops", [])
     if hops:
-        before, after = _mean([h["inspect"] for h in hops]), _mean([h["header_only"] for h in hops])
+        before, after = _mean([h["decode_check"] for h in hops]), _mean([h["inspect"] for h in hops])
         out.append({"name": "API image check, in-process, mean over the inputs",
-                    "before": f"{before:.2f} ms (decode)", "after": f"{after:.2f} ms (header only)",
+                    "before": f"{before:.2f} ms (header + decode)", "after": f"{after:.2f} ms (header only)",
                     "gain": _div(before, after), "identical": "same format/size answers",
-                    "status": "recommendation (control_api/images.py)"})
+                    "status": "applied: control_api/images.py (8c20c3e)"})
     reuse = (report.get("optimisations") or {}).get("connection_reuse")
     if reuse:
         a, b = reuse["new_connection"], reuse["keep_alive"]
@@ -265,7 +268,8 @@ def markdown(report: dict) -> str:
          "> (or a stand-in with the same architecture and random weights): its grades mean nothing and",
          "> nothing here says anything about clinical accuracy.", ""]
     if report.get("findings"):
-        L += [f"Interpretation and recommended changes: [{report['findings']}]({report['findings']}).", ""]
+        L += [f"Interpretation, and the optimisations applied with their before/after numbers: "
+              f"[{report['findings']}]({report['findings']}).", ""]
     if report.get("error"):
         L += ["> **The run stopped early**; the traceback is in report.json (`error`). What was measured is below.", ""]
     if st.get("smoke"):
@@ -295,12 +299,13 @@ def markdown(report: dict) -> str:
 
     verdict = {True: "**met**", False: "**missed**", None: "not measured"}
     L += ["## Targets", "",
-          "The last column is the same target with the one change this run recommends for the API (its image check "
-          "reads only the header; `scripts/bench_app.py`), measured in this run on the same TorchServe.", ""]
-    L += _table(["target", "measured", "rule", "met", "margin", "with header-only image check"],
+          "Measured on the API as it is (its image check reads the header only). The last column is the same "
+          "target before that optimisation was applied: the API decoding every upload (`scripts/bench_app.py`), "
+          "measured in this run on the same TorchServe.", ""]
+    L += _table(["target", "measured", "rule", "met", "margin", "before: API decoding every upload"],
                 [[t["target"], t["value"], t["rule"], verdict[t["met"]], t["margin"],
-                  (f"{_fmt(t['with_header_only_check']['value'])}: {verdict[t['with_header_only_check']['met']]}"
-                   if "with_header_only_check" in t else "")] for t in report["targets"]])
+                  (f"{_fmt(t['before_with_decode_check']['value'])}: {verdict[t['before_with_decode_check']['met']]}"
+                   if "before_with_decode_check" in t else "")] for t in report["targets"]])
     L += ["## Ratios", ""]
     L += _table(["ratio", "value", "what it compares"],
                 [[k, r["values"].get(k), r["compares"].get(k, "")] for k in RATIO_KEYS])
@@ -336,11 +341,12 @@ def markdown(report: dict) -> str:
         hops = limit.get("api_hops", [])
         if hops:
             L += ["### The API's own work per upload, in-process (median ms)", "",
-                  "inspect = `control_api.images.inspect` (format sniffing, then a decode: JPEG at 1/8 scale, PNG in "
-                  "full); header only = what reading just the header costs; local put = `LocalStorage.put` "
-                  "(temp file, fsync, rename) on this machine's disk.", ""]
-            L += _table(["input", "MP", "KB", "inspect", "header only", "sha256", "local put"],
-                        [[h["input"], h["megapixels"], h["bytes"] // 1024, h["inspect"], h["header_only"], h["sha256"],
+                  "inspect = `control_api.images.inspect` (format sniffing, then the header: what every upload "
+                  "costs now); before = the check it replaced, the header then a decode (JPEG at 1/8 scale, PNG in "
+                  "full; `images.verify_decodable`, which now runs only when TorchServe cannot answer); local put = "
+                  "`LocalStorage.put` (temp file, fsync, rename) on this machine's disk.", ""]
+            L += _table(["input", "MP", "KB", "inspect", "before: inspect + decode", "sha256", "local put"],
+                        [[h["input"], h["megapixels"], h["bytes"] // 1024, h["inspect"], h["decode_check"], h["sha256"],
                           h["local_put"]] for h in hops])
 
     def load_rows(cells, extra, server=False):
@@ -358,12 +364,18 @@ def markdown(report: dict) -> str:
     server_head = ["TS mean batch", "TS queue ms", "TS preprocess ms", "TS batch forward ms"]
     if _cells(report, "torchserve"):
         L += ["## TorchServe `/predictions/dr`", "",
-              "Config tag: b = batchSize, d = maxBatchDelay ms, w = workers, t = torch threads per worker. "
-              "Peak RSS is the whole TorchServe tree (Java frontend + Python workers) during the cell. "
+              "Config tag: b = batchSize, d = maxBatchDelay ms, w = workers (`wcores`: not pinned in the archive, so "
+              "TorchServe starts one per CPU core; the workers column says how many it started), t = torch threads "
+              "per worker. Peak RSS is the whole TorchServe tree (Java frontend + Python workers) during the cell. "
               "The TS columns come from TorchServe's own metrics over the cell: requests per handler call, time in "
               "TorchServe's queue, the handler's preprocessing per image and the forward pass of each batch.", ""]
-        L += _table(["config", "variant", *head, *server_head],
-                    load_rows(_cells(report, "torchserve"), ["config", "variant"], server=True))
+        replaced = st.get("torchserve_variants", [])
+        if replaced:
+            L += [f"The archive's defaults are {(st.get('api_torchserve_config') or {}).get('tag')}. The rows marked "
+                  "*before* are the settings those defaults replaced: "
+                  + "; ".join(f"{v['tag']} ({v.get('replaced_by_defaults')})" for v in replaced) + ".", ""]
+        L += _table(["config", "before", "workers", *head, *server_head],
+                    load_rows(_cells(report, "torchserve"), ["config", "variant", "torchserve_workers"], server=True))
     if _cells(report, "api"):
         L += ["## The API end to end", "",
               "`POST /api/v1/patients/{id}/screenings` (multipart image + eye): auth, image check, SHA-256, storage, "
@@ -383,6 +395,7 @@ def markdown(report: dict) -> str:
         L += ["## Side by side (req/s, p99 ms)", ""]
         systems = [("TorchServe " + str(api_tag), _cells(report, "torchserve", config=api_tag)),
                    ("API embedded", _cells(report, "api", backend="embedded")),
+                   ("API embedded, before (decode check)", _cells(report, "api", backend=DECODE_CHECK)),
                    ("API PostgreSQL + S3", _cells(report, "api", backend="postgres-s3")),
                    ("naive (default threads)", _cells(report, "naive", torch_threads="default")),
                    ("naive (1 thread)", _cells(report, "naive", torch_threads=1))]
@@ -405,7 +418,9 @@ def markdown(report: dict) -> str:
 
     opts = report.get("optimisation_rows", [])
     if opts:
-        L += ["## Optimisations, before and after in this run", ""]
+        L += ["## Optimisations, before and after in this run", "",
+              "Each row is one change measured against what it replaced, in this run. \"applied\" rows are in the "
+              "code now: the before half is the old setting or code, kept runnable for this comparison.", ""]
         L += _table(["change", "before", "after", "gain ×", "results", "status"],
                     [[o["name"], o["before"], o["after"], o["gain"], o["identical"], o["status"]] for o in opts])
 
@@ -457,6 +472,14 @@ def markdown(report: dict) -> str:
 
 # ---------------------------------------------------------------- plots
 
+def _stacked_barh(ax, names: list[str], parts: dict[str, list[float]]) -> None:
+    """One horizontal bar per name, made of the parts laid end to end."""
+    left = [0.0] * len(names)
+    for label, values in parts.items():
+        ax.barh(names, values, left=left, label=label)
+        left = [a + b for a, b in zip(left, values)]
+
+
 def plots(report: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -464,6 +487,13 @@ def plots(report: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
     st = report.get("settings", {})
     api_tag = (st.get("api_torchserve_config") or {}).get("tag")
 
@@ -495,13 +525,10 @@ def plots(report: dict, out: Path) -> list[str]:
         ax.set_title("Throughput vs concurrency (same inputs)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-        fig.tight_layout()
-        fig.savefig(out / "throughput.png", dpi=110)
-        plt.close(fig)
-        made.append("throughput.png")
+        save(fig, "throughput.png")
 
         main = {k: v for k, v in series.items()
-                if k in (f"TorchServe {api_tag}", "API embedded", "API postgres-s3", f"API {HEADER_ONLY}")
+                if k in (f"TorchServe {api_tag}", "API embedded", "API postgres-s3", f"API {DECODE_CHECK}")
                 or k.startswith("naive")}
         conc = st.get("concurrency") or []
         fig, axes = plt.subplots(1, max(1, len(conc)), figsize=(3.2 * max(1, len(conc)), 4.2), sharey=True, squeeze=False)
@@ -511,7 +538,7 @@ def plots(report: dict, out: Path) -> list[str]:
                 ax.bar([i + j * 0.27 for i in range(len(names))], [_at(main[n], k).get(pct, 0) for n in names],
                        width=0.27, label=pct[:3])
             ax.set_xticks([i + 0.27 for i in range(len(names))])
-            ax.set_xticklabels([n.replace("TorchServe", "TS").replace(HEADER_ONLY, "header-only check") for n in names],
+            ax.set_xticklabels([n.replace("TorchServe", "TS").replace(DECODE_CHECK, "decode check (before)") for n in names],
                                rotation=35, ha="right", fontsize=7)
             ax.set_title(f"concurrency {k}")
             ax.set_yscale("log")
@@ -519,40 +546,26 @@ def plots(report: dict, out: Path) -> list[str]:
         axes[0][0].set_ylabel("latency ms (log)")
         axes[0][0].legend(fontsize=7)
         fig.suptitle("Latency percentiles")
-        fig.tight_layout()
-        fig.savefig(out / "latency.png", dpi=110)
-        plt.close(fig)
-        made.append("latency.png")
+        save(fig, "latency.png")
 
     mem = report.get("memory_lifetime_mb") or {}
     if mem:
         fig, ax = plt.subplots(figsize=(9, 0.45 * len(mem) + 1.5))
         roles = sorted({r for v in mem.values() for r in v.get("roles_mb", {})})
         names = list(mem)
-        left = [0.0] * len(names)
-        for role in roles:
-            vals = [mem[n].get("roles_mb", {}).get(role, 0.0) for n in names]
-            ax.barh(names, vals, left=left, label=role)
-            left = [a + b for a, b in zip(left, vals)]
+        _stacked_barh(ax, names, {role: [mem[n].get("roles_mb", {}).get(role, 0.0) for n in names] for role in roles})
         ax.set_xlabel("peak RSS MB (sum over the process tree)")
         ax.set_title("Memory per system")
         ax.legend(fontsize=7)
         ax.invert_yaxis()
-        fig.tight_layout()
-        fig.savefig(out / "memory.png", dpi=110)
-        plt.close(fig)
-        made.append("memory.png")
+        save(fig, "memory.png")
 
     pre = (report.get("limit") or {}).get("preprocess", [])
     if pre:
         steps = ("decode", "disc", "crop", "quality", "normalise")
         fig, ax = plt.subplots(figsize=(9, 0.4 * len(pre) + 1.5))
-        left = [0.0] * len(pre)
         names = [p["input"] for p in pre]
-        for step in steps:
-            vals = [p.get(step) or 0.0 for p in pre]
-            ax.barh(names, vals, left=left, label=step)
-            left = [a + b for a, b in zip(left, vals)]
+        _stacked_barh(ax, names, {step: [p.get(step) or 0.0 for p in pre] for step in steps})
         ax.scatter([p["full_decode_resize"] for p in pre], names, marker="|", s=200, color="black",
                    label="full decode + resize", zorder=3)
         ax.set_xscale("log")
@@ -560,10 +573,7 @@ def plots(report: dict, out: Path) -> list[str]:
         ax.set_title("Preprocessing steps per input")
         ax.legend(fontsize=7)
         ax.invert_yaxis()
-        fig.tight_layout()
-        fig.savefig(out / "preprocess.png", dpi=110)
-        plt.close(fig)
-        made.append("preprocess.png")
+        save(fig, "preprocess.png")
 
     sc = report.get("scaling") or {}
     levels = (sc.get("rows") or {}).get("levels", [])
@@ -580,10 +590,7 @@ def plots(report: dict, out: Path) -> list[str]:
         ax.set_title("One patient's listing and summary as the database grows")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "scaling_rows.png", dpi=110)
-        plt.close(fig)
-        made.append("scaling_rows.png")
+        save(fig, "scaling_rows.png")
     soak = sc.get("soak")
     if soak and soak.get("samples"):
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -601,10 +608,7 @@ def plots(report: dict, out: Path) -> list[str]:
         ax.set_title(f"Process memory over {soak['requests']:,} uploads")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "soak_memory.png", dpi=110)
-        plt.close(fig)
-        made.append("soak_memory.png")
+        save(fig, "soak_memory.png")
     return made
 
 

@@ -4,12 +4,15 @@ Checks that the report files are written and hold sane numbers; never how fast a
 (speed is what `make bench` measures, on a quiet machine).
 """
 import json
+import subprocess
+import sys
 
 import pytest
 
 from scripts import bench, bench_report
+from scripts.services import REPO
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +22,7 @@ def smoke_report(tmp_path_factory, pg_database):  # pg_database: fail, never ski
     return out, json.loads((out / "report.json").read_text())
 
 
+@integration
 def test_files_are_written(smoke_report):
     out, report = smoke_report
     assert (out / "README.md").read_text().startswith("# Benchmarks")
@@ -29,6 +33,7 @@ def test_files_are_written(smoke_report):
     assert "error" not in report
 
 
+@integration
 def test_every_cell_is_sane(smoke_report):
     _, report = smoke_report
     sections = {c["section"] for c in report["cells"]}
@@ -42,6 +47,7 @@ def test_every_cell_is_sane(smoke_report):
         assert run["throughput_rps"] > 0 and run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
 
 
+@integration
 def test_every_ratio_and_target_is_reported(smoke_report):
     _, report = smoke_report
     values = report["ratios"]["values"]
@@ -51,8 +57,25 @@ def test_every_ratio_and_target_is_reported(smoke_report):
         if key != "api_added_p50_ms":  # a difference, may be negative in a noisy smoke run
             assert values[key] > 0, key
     assert all(t["met"] in (True, False) for t in report["targets"])
+    # The applied header-only image check is measured against the decode it replaced, in the same run.
+    before = report["ratios"]["before_with_decode_check"]
+    assert before["api_over_torchserve"] > 0 and before["api_added_p50_ms"] is not None
+    names = [o["name"] for o in report["optimisation_rows"]]
+    assert any(n.startswith("API image check reads the header only") for n in names), names
 
 
+@integration
+def test_api_cells_run_on_the_archive_defaults(smoke_report):
+    _, report = smoke_report
+    tag = report["settings"]["api_torchserve_config"]["tag"]
+    assert tag == bench.DEFAULTS.tag
+    ts = [c for c in report["cells"] if c["section"] == "torchserve" and c["config"] == tag]
+    assert ts and all(c["torchserve_workers"] >= 1 for c in ts)
+    assert {c["backend"] for c in report["cells"] if c["section"] == "api"} >= {
+        "embedded", "postgres-s3", bench_report.DECODE_CHECK}
+
+
+@integration
 def test_preprocessing_split_and_memory(smoke_report):
     _, report = smoke_report
     for row in report["limit"]["preprocess"]:
@@ -62,6 +85,7 @@ def test_preprocessing_split_and_memory(smoke_report):
     assert all(v["total_mb"] > 0 for v in peaks.values())
 
 
+@integration
 def test_scaling_and_soak(smoke_report):
     _, report = smoke_report
     level = report["scaling"]["rows"]["levels"][0]
@@ -70,3 +94,29 @@ def test_scaling_and_soak(smoke_report):
     assert level["explain"]["list"] and level["explain"]["summary"]
     soak = report["scaling"]["soak"]
     assert soak["ok"] == soak["requests"] and len(soak["samples"]) >= 3
+
+
+def test_the_before_app_decodes_what_the_api_now_only_opens(tmp_path):
+    """scripts/bench_app.py is a real "before": it refuses a truncated JPEG that the API's header
+    check lets through. In a subprocess, because the app patches control_api.images on import."""
+    data = (REPO / "samples" / "idrid_01.jpg").read_bytes()
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 2])
+    code = (
+        "import sys\n"
+        "from control_api import images\n"
+        "from control_api.errors import ApiError\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "images.inspect(data)\n"  # the header alone is fine
+        "from scripts import bench_app\n"
+        "try:\n"
+        "    images.inspect(data)\n"
+        "except ApiError as exc:\n"
+        "    print(exc.status, exc.code)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(truncated)], cwd=REPO, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                              "DATABASE_URL": f"sqlite:///{tmp_path / 'clarity.db'}",
+                              "LOCAL_STORAGE_DIR": str(tmp_path / "images")}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["422", "undecodable_image"]
