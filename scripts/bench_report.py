@@ -251,12 +251,16 @@ NOTES = [
     "with it anyway, end to end through the API, and with the faster of its two thread settings.",
     "Ratios are measured side by side in one run, so they survive a busy machine better than absolute "
     "numbers; the load average before each cell is in its row.",
+    "This VM's speed drifts: re-measured minutes apart on a quiet machine, one TorchServe cell gave 17–30 req/s "
+    "and the in-process limit 31–45 img/s (findings.md). One cell that stands out from its neighbours is more "
+    "likely drift than a setting; a gain that holds at every concurrency is not.",
 ]
 
 
 def _busy(meta: dict, machine: dict) -> bool:
-    loads = [(meta.get(k) or [0])[0] for k in ("load_avg_start", "load_avg_end")]
-    return max(loads) > 0.5 * (machine.get("logical_cores") or 1)
+    # Only the start counts: by the end the load average is mostly the benchmark's own processes
+    # (servers busy on every core plus the client), whatever else the machine was doing.
+    return (meta.get("load_avg_start") or [0])[0] > 0.5 * (machine.get("logical_cores") or 1)
 
 
 def markdown(report: dict) -> str:
@@ -280,7 +284,9 @@ def markdown(report: dict) -> str:
           f"- Machine: {m.get('cpu_model')}, {m.get('logical_cores')} logical cores "
           f"({m.get('physical_cores')} physical), {m.get('ram_gb')} GB RAM, {m.get('platform')}",
           f"- Load average (1/5/15 min) at start {meta.get('load_avg_start')}, at end {meta.get('load_avg_end')}: "
-          f"{'the machine was shared with other work, so absolute numbers are noisy; ratios come from cells measured side by side' if _busy(meta, m) else 'the machine was quiet'}",
+          + ("the machine was busy with other work when the run started, so absolute numbers are noisy; ratios come "
+             "from cells measured side by side" if _busy(meta, m) else "the machine was quiet when the run started")
+          + " (the end value is mostly the benchmark's own load: servers and client on every core).",
           f"- Versions: Python {ver.get('python')}, torch {ver.get('torch')}, torchvision {ver.get('torchvision')}, "
           f"TorchServe {ver.get('torchserve')}, Pillow {ver.get('pillow')}, gunicorn {ver.get('gunicorn')}, "
           f"{ver.get('java')}; git {str(ver.get('git_sha'))[:12]}"
