@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="dr")
     p.add_argument("--model-store", type=Path, default=Path("model_store"))
     p.add_argument("--batch-size", type=int, default=8)
-    # Defaults from docs/benchmarks: a 5 ms delay beat 50 ms by 1.6-2x at concurrency 1-8 (batches
+    # Defaults from docs/benchmarks: a 5 ms delay beat 50 ms by 1.5-2.1x at concurrency 1-8 (batches
     # still fill under load), and one single-threaded worker per core beat fewer, wider workers.
     p.add_argument("--max-batch-delay", type=int, default=5, help="milliseconds")
     p.add_argument("--workers", type=int, default=None,
