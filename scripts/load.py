@@ -221,8 +221,8 @@ def model_store(workdir: Path, model: str = "auto") -> tuple[Path, str]:
 
         checkpoint = make_checkpoint(workdir / "tiny.pt")
         which = "tiny random mobilenet_v3_small @128 (no demo checkpoint found)"
-    archive.archive(checkpoint, MODEL_VERSION, model_store=store, batch_size=8, max_batch_delay=50,
-                    workers=1, response_timeout=60)
+    # The archive defaults, as deployed: batch 8, 5 ms delay, one 1-thread worker per core.
+    archive.archive(checkpoint, MODEL_VERSION, model_store=store)
     return store, which
 
 
@@ -393,6 +393,10 @@ def _run(args: argparse.Namespace, workdir: Path) -> dict:
     stack = PrivateStack(workdir, store, workers=args.workers,
                          api_env={"TORCHSERVE_TIMEOUT_SECONDS": str(args.torchserve_timeout)})
     with stack:
+        # What TorchServe actually runs (archive config, workers it started), for the report.
+        model = stack.torchserve.model_status("dr", MODEL_VERSION)[0]
+        served = {"torchserve_workers": len(model["workers"]), "batch_size": model["batchSize"],
+                  "max_batch_delay_ms": model["maxBatchDelay"]}
         sampler = RssSampler(stack)
         sampler.sample()
         sampler.start()
@@ -422,8 +426,8 @@ def _run(args: argparse.Namespace, workdir: Path) -> dict:
                         "load_average_before": [round(x, 2) for x in load_before],
                         "load_average_after": [round(x, 2) for x in load_after]},
             "model": which_model,
-            "stack": {"gunicorn_workers": args.workers, "gunicorn_threads": 4, "torchserve_workers": 1,
-                      "batch_size": 8, "max_batch_delay_ms": 50, "database": "PostgreSQL (local server)",
+            "stack": {"gunicorn_workers": args.workers, "gunicorn_threads": 4, **served,
+                      "database": "PostgreSQL (local server)",
                       "storage": "SeaweedFS S3", "torchserve_timeout_s": args.torchserve_timeout},
             "screenings": args.screenings, "concurrency": args.concurrency, "patients": args.patients,
             "statuses": statuses,
@@ -459,7 +463,7 @@ def markdown(r: dict) -> str:
         f"{r['machine']['load_average_before']}, after {r['machine']['load_average_after']}.",
         f"- Model: {r['model']}. Grades mean nothing clinically; the run measures the machinery.",
         f"- Stack: gunicorn {r['stack']['gunicorn_workers']} workers x {r['stack']['gunicorn_threads']} threads, "
-        f"TorchServe {r['stack']['torchserve_workers']} worker (batch {r['stack']['batch_size']}, "
+        f"TorchServe {r['stack']['torchserve_workers']} worker(s) (batch {r['stack']['batch_size']}, "
         f"{r['stack']['max_batch_delay_ms']} ms), {r['stack']['database']}, {r['stack']['storage']}.", "",
         "| measure | value |", "| --- | --- |",
         f"| HTTP statuses | {', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} |",
