@@ -123,25 +123,26 @@ class TorchServeClient:
             metrics.TORCHSERVE_SECONDS.labels("describe", outcome).observe(time.perf_counter() - started)
         if response.status_code == 404:
             raise UnknownModelVersion(version)
-        if response.status_code != 200 or not isinstance(_json(response), list):
+        body = _json(response)
+        if response.status_code != 200 or not isinstance(body, list):
             raise TorchServeUnavailable(f"TorchServe management answered {response.status_code}")
-        return response.json()
+        return body
 
     def models(self) -> list[ModelVersion]:
         default = {m.get("modelVersion") for m in self.describe()}
-        versions = []
-        for m in self.describe("all"):
-            workers = m.get("workers") or []
-            versions.append(ModelVersion(
-                version=str(m.get("modelVersion")), default=m.get("modelVersion") in default,
-                ready_workers=sum(1 for w in workers if w.get("status") == "READY"),
-                workers=len(workers), batch_size=m.get("batchSize"), max_batch_delay_ms=m.get("maxBatchDelay"),
-            ))
-        return versions
+        return [ModelVersion(
+            version=str(m.get("modelVersion")), default=m.get("modelVersion") in default,
+            ready_workers=_ready_workers(m), workers=len(m.get("workers") or []),
+            batch_size=m.get("batchSize"), max_batch_delay_ms=m.get("maxBatchDelay"),
+        ) for m in self.describe("all")]
 
     def ready(self) -> bool:
         """The default version has a READY worker (TorchServe's /ping is healthy before that)."""
-        return any(w.get("status") == "READY" for m in self.describe() for w in m.get("workers") or [])
+        return any(_ready_workers(m) for m in self.describe())
+
+
+def _ready_workers(description: dict) -> int:
+    return sum(1 for w in description.get("workers") or [] if w.get("status") == "READY")
 
 
 def _json(response: requests.Response):
