@@ -12,7 +12,7 @@ import logging
 import peewee
 from flask import current_app, g, request
 
-from .errors import error_response, request_id
+from .errors import RETRY_AFTER_SECONDS, error_response, request_id
 from .models import AuditEvent, utcnow
 
 log = logging.getLogger(__name__)
@@ -66,5 +66,5 @@ def record(response):
     except peewee.PeeweeException as exc:
         log.error("audit write failed", extra={"error_type": type(exc).__name__, "action": spec[0]})
         return error_response(503, "audit_unavailable", "The audit trail cannot be written; try again later.",
-                              headers={"Retry-After": "30"})
+                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     return response

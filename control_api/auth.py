@@ -97,8 +97,7 @@ def enforce():
     if allowed is None:
         log.error("endpoint has no access rule", extra={"endpoint": request.endpoint})
         raise ApiError(403, "forbidden", "This endpoint has no access rule.")
-    if g.api_key.role not in allowed:
-        raise ApiError(403, "forbidden", f"The {g.api_key.role} role may not do this.")
+    require_role(*allowed)
 
 
 def require_role(*allowed: str) -> None:

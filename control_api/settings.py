@@ -66,11 +66,10 @@ class Settings:
             raise SettingsError(f"STORAGE_BACKEND must be 'local' or 's3', not {self.storage_backend!r}")
         if self.storage_backend == "s3" and not self.s3_bucket_name:
             raise SettingsError("S3_BUCKET_NAME is required when STORAGE_BACKEND=s3")
-        for name in ("port", "max_upload_bytes", "s3_presign_ttl_seconds", "gunicorn_threads"):
+        for name in ("port", "max_upload_bytes", "s3_presign_ttl_seconds", "gunicorn_threads",
+                     "torchserve_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be positive")
-        if self.torchserve_timeout_seconds <= 0:
-            raise SettingsError("TORCHSERVE_TIMEOUT_SECONDS must be positive")
         if isinstance(self.cors_origins, str):
             object.__setattr__(self, "cors_origins", _origins(self.cors_origins))
 
