@@ -140,7 +140,7 @@ class Disc:
 
 @dataclass(frozen=True)
 class Prepared:
-    tensor: torch.Tensor | None   # float32 [3, S, S]; None when the image is ungradable
+    tensor: torch.Tensor | None   # float32 [3, S, S]; None when ungradable or not normalised
     quality: dict                 # {"gradable", "score", "reasons"}
     timings_ms: dict              # {"decode": ms, "preprocess": ms}
     display: Image.Image | None   # cropped RGB S x S (None when no disc was found)
@@ -383,8 +383,12 @@ def preprocess_image(img: Image.Image, disc: Disc, cfg: PreprocessConfig, *,
     """(tensor [3, S, S], display RGB S x S) for a decoded image and its disc.
     `crop` reuses crop_disc(img, disc, cfg.input_size) when the caller already has it."""
     rgb = crop if crop is not None else crop_disc(img, disc, cfg.input_size)
-    mask = retina_mask(img.size, disc, cfg.input_size, cfg.mask_radius if cfg.circular_mask else None)
-    return to_tensor(rgb, mask, cfg), rgb
+    return to_tensor(rgb, input_mask(img.size, disc, cfg), cfg), rgb
+
+
+def input_mask(img_size: tuple, disc: Disc, cfg: PreprocessConfig) -> np.ndarray:
+    """retina_mask of the model input crop_disc(img, disc, cfg.input_size), as cfg masks it."""
+    return retina_mask(img_size, disc, cfg.input_size, cfg.mask_radius if cfg.circular_mask else None)
 
 
 # ---------------------------------------------------------------- quality and the whole chain
@@ -405,8 +409,9 @@ def quality_metrics(img: Image.Image, disc: Disc, *, crop: Image.Image | None = 
 
 
 def prepare(data: bytes, cfg: PreprocessConfig = PreprocessConfig(),
-            thresholds: QualityThresholds = QualityThresholds()) -> Prepared:
-    """decode -> find disc -> quality -> crop/resize/normalise, timed; raises ImageRejected."""
+            thresholds: QualityThresholds = QualityThresholds(), *, normalise: bool = True) -> Prepared:
+    """decode -> find disc -> quality -> crop/resize/normalise, timed; raises ImageRejected.
+    normalise=False stops at the crop (tensor None) for training, which augments it first."""
     t0 = time.perf_counter()
     img = decode(data, min_side=max(cfg.input_size, quality.ANALYSIS_SIZE))
     t1 = time.perf_counter()
@@ -418,7 +423,7 @@ def prepare(data: bytes, cfg: PreprocessConfig = PreprocessConfig(),
         display = crop_disc(img, disc, cfg.input_size)
         shared = display if cfg.input_size == quality.ANALYSIS_SIZE else None
         verdict = assess_quality(img, disc, thresholds, crop=shared)
-        if verdict["gradable"]:
+        if verdict["gradable"] and normalise:
             tensor, _ = preprocess_image(img, disc, cfg, crop=display)
     t2 = time.perf_counter()
     timings = {"decode": round((t1 - t0) * 1000, 2), "preprocess": round((t2 - t1) * 1000, 2)}

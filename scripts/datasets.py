@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from handlers import fundus, quality
+from handlers import fundus
 
 # header (lower-case) of the name column and of the grade column
 FORMATS = {
@@ -204,17 +204,13 @@ def select(samples, names) -> list[Sample]:
 def load_crop(path: Path, cfg: fundus.PreprocessConfig, thresholds: fundus.QualityThresholds):
     """(rgb S x S uint8, mask S x S bool) of the disc crop, or the quality verdict when ungradable.
 
-    The same steps as `fundus.prepare`, stopping before `to_tensor` so that augmentation can sit
-    between the crop and the normalisation.
+    `fundus.prepare` stopped before `to_tensor`, so that augmentation can sit between the crop and
+    the normalisation.
     """
-    img = fundus.decode(Path(path).read_bytes(), min_side=max(cfg.input_size, quality.ANALYSIS_SIZE))
-    disc = fundus.find_disc(img)
-    verdict = fundus.assess_quality(img, disc, thresholds)
-    if not verdict["gradable"]:
-        return verdict
-    rgb = fundus.crop_disc(img, disc, cfg.input_size)
-    mask = fundus.retina_mask(img.size, disc, cfg.input_size, cfg.mask_radius if cfg.circular_mask else None)
-    return np.asarray(rgb, dtype=np.uint8), mask
+    p = fundus.prepare(Path(path).read_bytes(), cfg, thresholds, normalise=False)
+    if not p.quality["gradable"]:
+        return p.quality
+    return np.asarray(p.display, dtype=np.uint8), fundus.input_mask(p.disc.image_size, p.disc, cfg)
 
 
 def _load_job(job):
