@@ -5,10 +5,9 @@ import uuid
 
 import pytest
 
-from control_api import create_app
 from control_api.auth import CLINICAL, PUBLIC
 from control_api.models import ApiKey
-from tests.plugins.api import image_bytes, upload
+from tests.plugins.api import bearer, image_bytes, upload
 
 PUBLIC_ENDPOINTS = {"health.healthz", "health.readyz", "health.scrape", "api-docs.openapi_json",
                     "api-docs.openapi_swagger_ui"}
@@ -94,20 +93,14 @@ def test_forbidden_is_decided_before_the_body_is_read(app, client, make_key, pat
         app.extensions["clarity"]["storage"].list())
 
 
-def test_unknown_endpoint_without_rule_is_closed(api_settings, fake_torchserve, make_key):
-    app = create_app(api_settings, torchserve=fake_torchserve)
+def test_unknown_endpoint_without_rule_is_closed(make_app):
+    app = make_app()
 
     @app.get("/api/v1/forgotten")
     def forgotten():
         return {"secret": True}
 
-    from control_api import migrations
-    from control_api.auth import create_key
-    from control_api.db import db
-
-    with app.app_context():
-        migrations.migrate(db.obj)
-        headers = {"Authorization": f"Bearer {create_key('admin')[1]}"}
+    headers = bearer(app, "admin")
     client = app.test_client()
     assert client.get("/api/v1/forgotten").status_code == 401
     assert client.get("/api/v1/forgotten", headers=headers).status_code == 403

@@ -3,8 +3,7 @@ import dataclasses
 
 import peewee
 
-from control_api import create_app, migrations
-from control_api.db import db
+from control_api import create_app
 from tests.plugins.api import image_bytes, upload
 
 
@@ -128,11 +127,8 @@ def test_healthz_and_readyz(client, fake_torchserve):
     assert "torchserve" in response.json["error"]["message"]
 
 
-def test_readyz_names_an_old_schema(api_settings, fake_torchserve):
-    app = create_app(api_settings, torchserve=fake_torchserve)
-    with app.app_context():
-        migrations.migrate(db.obj, target=1)
-    response = app.test_client().get("/readyz")
+def test_readyz_names_an_old_schema(make_app):
+    response = make_app(schema=1).test_client().get("/readyz")
     assert response.status_code == 503
     assert "version 1" in response.json["checks"]["database"]["problem"]
 

@@ -1,15 +1,12 @@
 """Uploading, grading, listing and downloading screenings, with a fake TorchServe."""
-import dataclasses
 import hashlib
 import io
 
 import peewee
 import pytest
 
-from control_api import create_app, migrations
-from control_api.db import db
 from control_api.models import Grading, Screening
-from tests.plugins.api import image_bytes, upload
+from tests.plugins.api import bearer, image_bytes, upload
 
 
 def url(patient_id, *parts):
@@ -153,19 +150,13 @@ def test_missing_image_file_is_422(client, clinician, patient, form):
 
 
 @pytest.fixture
-def small_app(api_settings, fake_torchserve):
-    app = create_app(dataclasses.replace(api_settings, max_upload_bytes=4096), torchserve=fake_torchserve)
-    with app.app_context():
-        migrations.migrate(db.obj)
-    return app
+def small_app(make_app):
+    return make_app(max_upload_bytes=4096)
 
 
-def test_body_over_the_limit_is_413_before_it_is_read(small_app, make_key):
+def test_body_over_the_limit_is_413_before_it_is_read(small_app):
     client = small_app.test_client()
-    with small_app.app_context():
-        from control_api.auth import create_key
-
-        headers = {"Authorization": f"Bearer {create_key('clinician')[1]}"}
+    headers = bearer(small_app)
     patient = client.post("/api/v1/patients", headers=headers, json={"name": "Big"}).json
 
     class Unreadable(io.RawIOBase):
@@ -184,10 +175,7 @@ def test_body_over_the_limit_is_413_before_it_is_read(small_app, make_key):
 
 def test_image_over_the_limit_is_413(small_app):
     client = small_app.test_client()
-    with small_app.app_context():
-        from control_api.auth import create_key
-
-        headers = {"Authorization": f"Bearer {create_key('clinician')[1]}"}
+    headers = bearer(small_app)
     patient = client.post("/api/v1/patients", headers=headers, json={"name": "Big"}).json
     data = image_bytes(size=(64, 64)) + b"\0" * 5000  # fits the body limit, not the image limit
     response = upload(client, headers, patient["id"], data)
@@ -351,14 +339,9 @@ def test_corrupted_image_is_not_served(app, client, clinician, patient):
     assert b"tampered" not in response.data
 
 
-def test_upload_rate_limit_is_per_api_key(api_settings, fake_torchserve, make_key):
-    app = create_app(dataclasses.replace(api_settings, upload_rate_limit="2/minute"), torchserve=fake_torchserve)
-    with app.app_context():
-        migrations.migrate(db.obj)
-        from control_api.auth import create_key
-
-        first = {"Authorization": f"Bearer {create_key('clinician')[1]}"}
-        second = {"Authorization": f"Bearer {create_key('clinician')[1]}"}
+def test_upload_rate_limit_is_per_api_key(make_app):
+    app = make_app(upload_rate_limit="2/minute")
+    first, second = bearer(app), bearer(app)
     client = app.test_client()
     pid = client.post("/api/v1/patients", headers=first, json={"name": "R"}).json["id"]
     codes = [upload(client, first, pid, image_bytes(color=(i, 0, 0))).status_code for i in range(3)]

@@ -10,12 +10,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from control_api.torchserve import ImageRejected, TorchServeClient, TorchServeUnavailable, UnknownModelVersion
+from scripts.archive import SYNTHETIC_DISCLAIMER
 from scripts.services import free_port
 
 PREDICTION = {"grade": 0, "label": "No DR", "probabilities": [0.9, 0.025, 0.025, 0.025, 0.025], "referable": False,
               "referable_threshold": 2, "gradable": True, "quality": {"gradable": True, "score": 0.9, "reasons": []},
               "model": {"name": "dr", "version": "1.0", "synthetic_training_data": True},
-              "disclaimer": "Demo model trained on synthetic images. Not for clinical use.",
+              "disclaimer": SYNTHETIC_DISCLAIMER,
               "timings_ms": {"decode": 1, "preprocess": 1, "inference": 1}}
 
 

@@ -6,6 +6,7 @@ TorchServe client (FakeTorchServe). Integration tests use the real services thro
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -20,9 +21,11 @@ from control_api.auth import create_key
 from control_api.db import db
 from control_api.settings import Settings
 from control_api.torchserve import ImageRejected, ModelVersion, TorchServeUnavailable, UnknownModelVersion
+from scripts.archive import SYNTHETIC_DISCLAIMER
+from tests.images import encode
+from tests.plugins.model import GRADE_LABELS
 
 REPO = Path(__file__).resolve().parents[2]
-DISCLAIMER = "Demo model trained on synthetic images. Not for clinical use."
 
 
 class FakeTorchServe:
@@ -57,13 +60,12 @@ class FakeTorchServe:
                   "referable_threshold": 2, "gradable": False,
                   "quality": {"gradable": False, "score": 0.2,
                               "reasons": [{"code": "too_dark", "message": "The image is too dark."}]},
-                  "model": model, "disclaimer": DISCLAIMER,
+                  "model": model, "disclaimer": SYNTHETIC_DISCLAIMER,
                   "timings_ms": {"decode": 1.0, "preprocess": 1.0, "inference": None}}
         if self.mode == "grade":
             probabilities = [0.02] * 5
             probabilities[self.grade] = 0.92
-            labels = ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"]
-            answer.update(grade=self.grade, label=labels[self.grade], probabilities=probabilities,
+            answer.update(grade=self.grade, label=GRADE_LABELS[self.grade], probabilities=probabilities,
                           referable=self.grade >= 2, gradable=True,
                           quality={"gradable": True, "score": 0.9, "reasons": []},
                           timings_ms={"decode": 1.0, "preprocess": 1.0, "inference": 2.0})
@@ -81,11 +83,7 @@ class FakeTorchServe:
 
 
 def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (256, 256), color=(120, 40, 20)) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format=fmt)
-    return buf.getvalue()
+    return encode(PIL.Image.new("RGB", size, color), fmt)
 
 
 @pytest.fixture
@@ -100,13 +98,24 @@ def fake_torchserve() -> FakeTorchServe:
 
 
 @pytest.fixture
-def app(api_settings, fake_torchserve):
-    app = create_app(api_settings, torchserve=fake_torchserve)
-    app.config["TESTING"] = True
-    with app.app_context():
-        migrations.migrate(db.obj)
-    yield app
+def make_app(api_settings, fake_torchserve):
+    """make_app(schema=LATEST, **setting changes) -> an app with the fake TorchServe, its database
+    migrated to `schema`."""
+
+    def make(schema: int = migrations.LATEST, **changes):
+        app = create_app(dataclasses.replace(api_settings, **changes), torchserve=fake_torchserve)
+        app.config["TESTING"] = True
+        with app.app_context():
+            migrations.migrate(db.obj, target=schema)
+        return app
+
+    yield make
     db.close_all()  # the pool's connections, not just this thread's
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
 
 
 @pytest.fixture
@@ -114,16 +123,17 @@ def client(app):
     return app.test_client()
 
 
+def bearer(app, role: str = "clinician") -> dict:
+    """Headers with a fresh API key of this role, made in `app`'s database."""
+    with app.app_context():
+        _, token = create_key(role, f"test {role}")
+    return {"Authorization": f"Bearer {token}"}
+
+
 @pytest.fixture
 def make_key(app):
     """make_key(role) -> headers with a fresh API key of that role."""
-
-    def make(role: str = "clinician") -> dict:
-        with app.app_context():
-            _, token = create_key(role, f"test {role}")
-        return {"Authorization": f"Bearer {token}"}
-
-    return make
+    return lambda role="clinician": bearer(app, role)
 
 
 @pytest.fixture
