@@ -142,9 +142,6 @@ class DRHandler(BaseHandler):
 
     def _answer(self, prepared, inference_ms: float | None) -> dict:
         """The fields every 200 answer has; grading fills in the rest."""
-        timings = {"decode": prepared.timings_ms.get("decode"),
-                   "preprocess": prepared.timings_ms.get("preprocess"),
-                   "inference": None if inference_ms is None else round(inference_ms, 2)}
         return {
             "grade": None, "label": None, "probabilities": None, "referable": None,
             "referable_threshold": self.meta["referable_threshold"],
@@ -152,7 +149,9 @@ class DRHandler(BaseHandler):
             "quality": prepared.quality,
             "model": dict(self.model_info),
             "disclaimer": self.meta.get("disclaimer"),
-            "timings_ms": {k: None if v is None else round(v, 2) for k, v in timings.items()},
+            # prepare() rounds decode and preprocess already
+            "timings_ms": {**prepared.timings_ms,
+                           "inference": None if inference_ms is None else round(inference_ms, 2)},
         }
 
     def _ungradable(self, idx: int, prepared) -> dict:

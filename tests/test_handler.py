@@ -15,6 +15,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handlers import dr_handler
+from tests import images
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
@@ -80,12 +81,6 @@ def run(handler, model_dir, rows, explain=()):
     return handler.handle(rows, ctx), ctx
 
 
-def jpeg(img: Image.Image) -> bytes:
-    out = io.BytesIO()
-    img.save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def inputs() -> dict[str, bytes]:
     normal = (SAMPLES / "right_normal_600.jpg").read_bytes()
@@ -94,7 +89,7 @@ def inputs() -> dict[str, bytes]:
         "idrid": (SAMPLES / "idrid_01.jpg").read_bytes(),
         "truncated": normal[: len(normal) // 3],
         "text": b"patient notes, not a photograph",
-        "blank": jpeg(Image.new("RGB", (800, 800))),
+        "blank": images.encode(Image.new("RGB", (800, 800)), quality=90),
     }
 
 
