@@ -1,11 +1,11 @@
 """Build a versioned TorchServe archive (model_store/<name>_<version>.mar) from a training checkpoint.
 
     python -m scripts.archive --checkpoint CK --version 1.1 [--name dr] [--model-store model_store]
-        [--batch-size 8 --max-batch-delay 50 --workers 1 --response-timeout 60 --torch-threads N]
+        [--batch-size 8 --max-batch-delay 5 --response-timeout 60 --torch-threads 1 --workers N]
 
 The archive holds the handler with every sibling module in handlers/, model.py, the weights as a
 plain float32 state dict, model_meta.json (what the handler needs), model-config.yaml (batching,
-workers, timeout) and MODEL_CARD.md. The card is also written beside the .mar. Versions are
+timeout, torch threads; workers only with --workers) and MODEL_CARD.md. The card is also written beside the .mar. Versions are
 immutable: an existing archive is never overwritten.
 """
 from __future__ import annotations
@@ -124,7 +124,7 @@ def model_card(ck: dict, meta: dict, n_params: int) -> str:
     ds = meta["dataset"]
     lines = [f"# Model card: `{meta['name']}` version {meta['version']}", ""]
     if meta["synthetic"]:
-        lines += ["> **Demo model trained on synthetic images. Not for clinical use.** Its grades say",
+        lines += [f"> **{SYNTHETIC_DISCLAIMER}** Its grades say",
                   "> nothing about real eyes; it exists to exercise the serving stack.", ""]
     else:
         lines += [f"> {GENERAL_DISCLAIMER}", ""]

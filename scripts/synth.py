@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-GRADE_LABELS = ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"]
 # Skewed towards grade 0 like screening data, but every grade keeps enough examples to learn from.
 DEFAULT_GRADE_MIX = (0.40, 0.15, 0.20, 0.12, 0.13)
 # Sizes are fractions of the field-of-view radius R, which becomes S/2 px at model input S.

@@ -34,8 +34,8 @@ from tqdm import tqdm  # noqa: E402
 from handlers import fundus  # noqa: E402
 from handlers.model import ARCHS, DRNet  # noqa: E402
 from scripts import datasets  # noqa: E402
+from scripts.archive import CHECKPOINT_FORMAT  # noqa: E402
 
-CHECKPOINT_FORMAT = "clarity-dr-checkpoint/1"
 GRADE_LABELS = ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"]
 REFERABLE_THRESHOLD = 2
 REPO = Path(__file__).resolve().parent.parent
@@ -172,6 +172,7 @@ def train(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     progress = not args.quiet
+    revision = code_revision()  # once: the code this process runs, whatever changes on disk later
     data = datasets.load(args.data, args.csv)
     if args.name:
         data.name = args.name
@@ -274,7 +275,7 @@ def train(args) -> dict:
               f"val QWK {row['val_qwk']:.4f}  val acc {row['val_accuracy']:.3f}  {row['seconds']:.0f}s"
               + ("  *" if best["epoch"] == epoch else ""), flush=True)
 
-        ck = checkpoint_dict(args, data, described, cfg, thresholds, best_state, best, history,
+        ck = checkpoint_dict(args, described, cfg, thresholds, best_state, best, history, revision,
                              {"train_seconds": round(train_s, 1), "preprocess_seconds": round(preprocess_s, 1),
                               "train_images": len(train_ds), "val_images": len(val_ds),
                               "ungradable_left_out": len(rejected),
@@ -292,8 +293,8 @@ def train(args) -> dict:
     return ck
 
 
-def checkpoint_dict(args, data, described, cfg, thresholds, best_state, best, history, run_info) -> dict:
-    sha, dirty = code_revision()
+def checkpoint_dict(args, described, cfg, thresholds, best_state, best, history, revision, run_info) -> dict:
+    sha, dirty = revision
     dtype = torch.float16 if args.half_weights else None
     return {
         "format": CHECKPOINT_FORMAT,
