@@ -24,6 +24,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from scripts import evaluate, synth, train  # noqa: E402
+from scripts.files import sha256_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # The recipe. Changing it changes the committed model: rerun this script and commit its output.
@@ -174,7 +175,7 @@ def main(argv=None):
     shutil.copyfile(ck_path, out / "checkpoint.pt")
     ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     # record_in_checkpoint added metrics.test after evaluate hashed the file; the weights are the same
-    result["checkpoint"].update(file="checkpoint.pt", sha256=evaluate.sha256(out / "checkpoint.pt"))
+    result["checkpoint"].update(file="checkpoint.pt", sha256=sha256_file(out / "checkpoint.pt"))
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     run = {"recipe": r, "seconds": seconds, "checkpoint_bytes": (out / "checkpoint.pt").stat().st_size,
            "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "

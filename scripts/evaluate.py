@@ -22,7 +22,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from handlers import fundus
 from scripts import datasets
-from scripts.files import sha256_file as sha256
+from scripts.files import sha256_file
 from scripts.train import GRADE_LABELS, load_checkpoint, predict, qwk, save_atomic
 
 CI_LEVEL = 0.95
@@ -177,10 +177,11 @@ def plot_history(history: list[dict], path: Path, title: str):
 
 # --------------------------------------------------------------------------- the run
 
-def held_out(ck: dict, data: datasets.LabelledSet) -> tuple[str, list, list]:
-    """(which images, samples to evaluate, validation samples for the operating point or [])."""
+def held_out(ck: dict, data: datasets.LabelledSet, fingerprint: str) -> tuple[str, list, list]:
+    """(which images, samples to evaluate, validation samples for the operating point or []);
+    `fingerprint` is datasets.fingerprint(data.samples)."""
     split = (ck.get("dataset") or {}).get("split") or {}
-    if data.describe()["fingerprint"] == ck["dataset"].get("fingerprint"):
+    if fingerprint == ck["dataset"].get("fingerprint"):
         if not split.get("test"):
             raise SystemExit("this is the training folder and the checkpoint holds no test split; "
                              "evaluate on a separate test folder")
@@ -213,10 +214,11 @@ def evaluate(checkpoint: Path, data_dir: Path, out: Path, csv_path: Path | None 
     thresholds = fundus.QualityThresholds.from_dict(ck["quality"])
     ref = int(ck["referable_threshold"])
     data = datasets.load(data_dir, csv_path)
-    source, test_samples, val_samples = held_out(ck, data)
+    fingerprint = datasets.fingerprint(data.samples)  # stats every image: once
+    source, test_samples, val_samples = held_out(ck, data, fingerprint)
     if not val_samples and val_data is not None:
         train_set = datasets.load(*val_data)
-        if train_set.describe()["fingerprint"] != ck["dataset"].get("fingerprint"):
+        if datasets.fingerprint(train_set.samples) != ck["dataset"].get("fingerprint"):
             raise SystemExit(f"{val_data[0]} is not the folder this checkpoint was trained on")
         val_samples = datasets.select(train_set.samples, ck["dataset"]["split"]["val"])
 
@@ -245,10 +247,10 @@ def evaluate(checkpoint: Path, data_dir: Path, out: Path, csv_path: Path | None 
     cm = confusion_matrix(y, probs.argmax(1), labels=list(range(len(GRADE_LABELS))))
     synthetic = bool(ck["dataset"].get("synthetic")) or data.synthetic
     result = {
-        "checkpoint": {"file": Path(checkpoint).name, "sha256": sha256(checkpoint), "arch": ck["arch"],
+        "checkpoint": {"file": Path(checkpoint).name, "sha256": sha256_file(checkpoint), "arch": ck["arch"],
                        "input_size": cfg.input_size, "code_revision": ck.get("code_revision"),
                        "trained_on": {k: ck["dataset"].get(k) for k in ("name", "fingerprint", "synthetic")}},
-        "data": {"name": data.name, "format": data.format, "fingerprint": data.describe()["fingerprint"],
+        "data": {"name": data.name, "format": data.format, "fingerprint": fingerprint,
                  "synthetic": data.synthetic, "images": source, "n": int(len(y)),
                  "counts": np.bincount(y, minlength=len(GRADE_LABELS)).tolist(),
                  "ungradable_left_out": [{"name": s.name, "reasons": r.get("reasons", [])} for s, r in rejected]},

@@ -9,6 +9,7 @@ import torch
 from handlers import fundus
 from handlers.model import DRNet
 from scripts import evaluate, synth, train
+from scripts.files import sha256_file
 
 CONTRACT_KEYS = {"format", "arch", "num_classes", "state_dict", "preprocess", "quality", "grade_labels",
                  "referable_threshold", "dataset", "metrics", "history", "code_revision", "created_at"}
@@ -208,7 +209,7 @@ def _check_demo_folder(out, n_test):
     assert ck["weights_dtype"] == "float16"
     assert {"quadratic_kappa", "referable_auc"} <= set(ck["metrics"]["test"])
     result = json.loads((out / "evaluation.json").read_text())
-    assert result["checkpoint"]["sha256"] == evaluate.sha256(out / "checkpoint.pt")
+    assert result["checkpoint"]["sha256"] == sha256_file(out / "checkpoint.pt")
     assert result["data"]["n"] == n_test and result["data"]["images"] == "separate test folder"
     assert result["data"]["synthetic"] is True
     card = (out / "MODEL_CARD.md").read_text()
