@@ -11,8 +11,9 @@
 
 `promote` records the default it replaces in <model store>/.defaults.json
 ({"<name>": ["<older default>", ..., "<previous default>"]}); `rollback` pops the last entry.
-TorchServe keeps no such history itself. The functions are importable (the control API reuses
-`versions`).
+TorchServe keeps no such history itself. The functions are importable. The control API does not
+use them: it has its own client (control_api/torchserve.py), as the serving image carries this
+file without control_api/ and the API image carries no scripts/.
 """
 from __future__ import annotations
 
