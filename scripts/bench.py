@@ -157,8 +157,8 @@ def versions() -> dict:
 
 
 class Bench:
-    def __init__(self, plan: Plan, out: Path, cache: Path, only: tuple):
-        self.plan, self.out, self.cache, self.only = plan, out, cache, only
+    def __init__(self, plan: Plan, cache: Path, only: tuple):
+        self.plan, self.cache, self.only = plan, cache, only
         self.sampler = MemorySampler(interval=0.5)
         self.work = Path(tempfile.mkdtemp(prefix="run-", dir=cache))
         self.report: dict = {"cells": [], "optimisations": {}}
@@ -231,7 +231,6 @@ class Bench:
                     self._connection_reuse(server, cfg, inputs)
                     if "api" in self.only:
                         self.api_section(server, inputs)
-        self.report["memory_lifetime_mb"] = self.sampler.peaks()
 
     def _connection_reuse(self, server, cfg, inputs) -> None:
         """One small image at concurrency 1: keep-alive session vs a new connection per request."""
@@ -347,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_rows:
         plan.rows = tuple(r for r in plan.rows if r <= args.max_rows) or (args.max_rows,)
     args.cache.mkdir(parents=True, exist_ok=True)
-    report = Bench(plan, args.out, args.cache, only).run()
+    report = Bench(plan, args.cache, only).run()
     paths = bench_report.write(report, args.out)
     for path in paths:
         print(path)

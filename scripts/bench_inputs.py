@@ -17,10 +17,10 @@ from PIL import Image
 
 from scripts.files import sha256_file
 from scripts.services import REPO
+from scripts.stack import DEMO_CHECKPOINT
 
 SAMPLES = REPO / "samples"
 CACHE = REPO / "var" / "bench"
-DEMO_CHECKPOINT = REPO / "models" / "demo" / "checkpoint.pt"
 RESIZE_SOURCE = "idrid_01.jpg"
 RESIZED_MP = (1, 3, 9)
 JPEG_QUALITY = 90

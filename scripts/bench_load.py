@@ -55,7 +55,7 @@ class LoadResult:
 
 def run_load(send: Send, n_inputs: int, concurrency: int, requests_total: int, *, ok_status=(200,),
              warmup: int | None = None, desc: str = "", check: Callable[[requests.Response], bool] | None = None,
-             on_progress: Callable[[int], None] | None = None, timeout_s: float | None = None,
+             on_progress: Callable[[int], None] | None = None,
              after_warmup: Callable[[], None] | None = None) -> LoadResult:
     """Send `requests_total` requests at `concurrency`, after `warmup` unmeasured ones.
 
@@ -68,7 +68,6 @@ def run_load(send: Send, n_inputs: int, concurrency: int, requests_total: int, *
     counter = itertools.count()
     lock = threading.Lock()
     sessions = [requests.Session() for _ in range(concurrency)]
-    deadline = time.monotonic() + timeout_s if timeout_s else None
 
     def one(session, i):
         started = time.perf_counter()
@@ -94,7 +93,7 @@ def run_load(send: Send, n_inputs: int, concurrency: int, requests_total: int, *
         while True:
             with lock:
                 i = next(counter)
-            if i >= requests_total or (deadline and time.monotonic() > deadline):
+            if i >= requests_total:
                 return
             started, ended, outcome = one(session, i)  # consecutive requests take consecutive inputs
             with lock:

@@ -8,8 +8,6 @@ generator, and stops everything on exit.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ import requests
 from scripts.bench_inputs import BenchInput, ServeConfig
 from scripts.bench_load import MemorySampler, multipart
 from scripts.services import (REPO, VENV_BIN, Gunicorn, PostgresDatabase, Process, SeaweedS3, TorchServe,
-                              free_port)
+                              flask_cli, free_port)
 
 TIMEOUT = (5, 120)
 
@@ -80,11 +78,9 @@ def torchserve_handle(server: TorchServe, cfg: ServeConfig, inputs: list[BenchIn
                   pids={server.bench_label: server.proc.pid}, metrics_url=server.metrics_url)
 
 
-def flask_cli(env: dict, *args: str) -> str:
-    """`flask --app control_api ARGS` with this environment; its stdout."""
-    run = subprocess.run([sys.executable, "-m", "flask", "--app", "control_api", *args], cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO), **env}, capture_output=True, text=True,
-                         timeout=300)
+def flask_stdout(env: dict, *args: str) -> str:
+    """`flask --app control_api ARGS` with this environment; its stdout, or an error when it fails."""
+    run = flask_cli(env, *args, timeout=300)
     if run.returncode != 0:
         raise RuntimeError(f"flask {' '.join(args)} failed:\n{run.stdout}{run.stderr}")
     return run.stdout
@@ -104,8 +100,9 @@ class BenchGunicorn(Gunicorn):
 def api_env(workdir: Path, ts: TorchServe, backend: str) -> tuple[dict, list]:
     """(environment, services to stop afterwards) for the API on `backend`:
     "embedded" = SQLite + local storage (the defaults), "postgres-s3" = PostgreSQL + SeaweedFS S3."""
-    env = {"TORCHSERVE_INFERENCE_URL": ts.inference_url if ts else "http://127.0.0.1:9",
-           "TORCHSERVE_MANAGEMENT_URL": ts.management_url if ts else "http://127.0.0.1:9",
+    # Without a TorchServe (the scaling cells) the API points at a port where nothing listens.
+    nowhere = {"TORCHSERVE_INFERENCE_URL": "http://127.0.0.1:9", "TORCHSERVE_MANAGEMENT_URL": "http://127.0.0.1:9"}
+    env = {**(ts.settings_env() if ts else nowhere),
            "TORCHSERVE_MODEL_NAME": "dr", "TORCHSERVE_TIMEOUT_SECONDS": "60",
            # The benchmark is one API key uploading hundreds of images a minute.
            "UPLOAD_RATE_LIMIT": "1000000/minute", "LOG_LEVEL": "INFO"}
@@ -144,8 +141,8 @@ def api(workdir: Path, ts: TorchServe | None, backend: str, inputs: list[BenchIn
     seaweed_pid = env.pop("_seaweed_pid", None)
     server = None
     try:
-        flask_cli(env, "migrate")
-        token = flask_cli(env, "keys", "create", "--role", "clinician", "--label", "benchmark").strip().splitlines()[-1]
+        flask_stdout(env, "migrate")
+        token = flask_stdout(env, "keys", "create", "--role", "clinician", "--label", "benchmark").strip().splitlines()[-1]
         server = BenchGunicorn(workdir / "gunicorn", env, workers=workers, extra_args=extra_args, app=app)
         server.start(timeout=90)
         auth = {"Authorization": f"Bearer {token}"}
@@ -195,20 +192,11 @@ class NaiveServer(Process):
         super().__init__(workdir, env)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_url = f"{self.url}/ping"
 
     def command(self) -> list[str]:
         return [str(VENV_BIN / "gunicorn"), "-w", "1", "-k", "sync", "-b", f"127.0.0.1:{self.port}",
                 "--timeout", "120", "--chdir", str(REPO), "scripts.naive_server:app"]
-
-    def wait_ready(self, timeout: float) -> None:
-        from scripts.services import ServiceExited, wait_for
-
-        def up() -> bool:
-            if not self.running:
-                raise ServiceExited("naive server exited")
-            return requests.get(f"{self.url}/ping", timeout=2).status_code == 200
-
-        wait_for(up, timeout, f"naive server on {self.url}")
 
 
 @contextlib.contextmanager

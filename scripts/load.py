@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,9 +35,10 @@ from pathlib import Path
 
 import requests
 
-from scripts.services import REPO, Gunicorn, PostgresDatabase, SeaweedS3, TorchServe
+from scripts.bench_load import stats
+from scripts.services import REPO, Gunicorn, PostgresDatabase, SeaweedS3, TorchServe, flask_cli
+from scripts.stack import DEMO_CHECKPOINT
 
-DEMO_CHECKPOINT = REPO / "models" / "demo" / "checkpoint.pt"
 SAMPLES = REPO / "samples"
 MODEL_VERSION = "1.0"
 
@@ -86,9 +86,7 @@ class PrivateStack:
                 self.torchserve.start(timeout=120)
                 self.torchserve.wait_model_ready("dr", MODEL_VERSION, timeout=120)
             self.env = {
-                "DATABASE_URL": self.database.url, **self.s3.settings_env(),
-                "TORCHSERVE_INFERENCE_URL": self.torchserve.inference_url,
-                "TORCHSERVE_MANAGEMENT_URL": self.torchserve.management_url,
+                "DATABASE_URL": self.database.url, **self.s3.settings_env(), **self.torchserve.settings_env(),
                 "LOG_LEVEL": "INFO", "UPLOAD_RATE_LIMIT": "100000/minute", **self.api_env,
             }
             result = self.cli("migrate")
@@ -121,11 +119,9 @@ class PrivateStack:
     def url(self) -> str:
         return self.api.url
 
-    def cli(self, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """`flask --app control_api ARGS` with the API's environment."""
-        return subprocess.run([sys.executable, "-m", "flask", "--app", "control_api", *args], cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO), **self.env, **(env or {})},
-                              capture_output=True, text=True, timeout=timeout)
+        return flask_cli(self.env, *args, timeout=timeout)
 
     def key(self, role: str) -> dict:
         """Headers with a new API key of this role, made by `flask keys create`."""
@@ -146,19 +142,23 @@ class PrivateStack:
 
     # ---------------------------------------------------------------- what is stored
 
-    def rows(self) -> dict[str, dict]:
-        """screening id -> {image_key, sha256, status, gradings}, read from PostgreSQL directly."""
+    def sql(self, statement: str, params=()) -> list[tuple]:
+        """The rows of one statement (none for a write, which is committed), run on PostgreSQL directly."""
         import psycopg2
 
         conn = psycopg2.connect(self.database_url, connect_timeout=5)
         try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT s.id, s.image_key, s.image_sha256, s.status, count(g.id) "
-                            "FROM screening s LEFT JOIN grading g ON g.screening_id = s.id GROUP BY s.id")
-                return {str(i): {"image_key": k, "sha256": sha, "status": st, "gradings": n}
-                        for i, k, sha, st, n in cur.fetchall()}
+            with conn, conn.cursor() as cur:
+                cur.execute(statement, params)
+                return cur.fetchall() if cur.description else []
         finally:
             conn.close()
+
+    def rows(self) -> dict[str, dict]:
+        """screening id -> {image_key, sha256, status, gradings}, read from PostgreSQL directly."""
+        rows = self.sql("SELECT s.id, s.image_key, s.image_sha256, s.status, count(g.id) "
+                        "FROM screening s LEFT JOIN grading g ON g.screening_id = s.id GROUP BY s.id")
+        return {str(i): {"image_key": k, "sha256": sha, "status": st, "gradings": n} for i, k, sha, st, n in rows}
 
     def object_keys(self) -> set[str]:
         s3 = self.s3.client()
@@ -272,20 +272,12 @@ class RssSampler(threading.Thread):
                 workers += 1
                 add(f"torchserve: model worker {workers}", proc)
         add("s3: seaweedfs (weed mini)", psutil.Process(self.stack.s3.proc.pid))
-        for pid in self._postgres_backends():
+        backends = self.stack.sql("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                  "AND pid <> pg_backend_pid()")
+        for (pid,) in backends:
             add("postgresql: backends of this database (sum)", psutil.Process(pid))
         add("load client (this process)", psutil.Process())
         return found
-
-    def _postgres_backends(self) -> list[int]:
-        import psycopg2
-
-        with psycopg2.connect(self.stack.database_url, connect_timeout=5) as conn, conn.cursor() as cur:
-            cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                        "AND pid <> pg_backend_pid()")
-            pids = [r[0] for r in cur.fetchall()]
-        conn.close()
-        return pids
 
     def sample(self) -> None:
         import psutil
@@ -316,13 +308,6 @@ class RssSampler(threading.Thread):
 
 
 # -------------------------------------------------------------------- the run
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
 
 def drive(stack: PrivateStack, screenings: int, concurrency: int, patients: int, progress: bool = True) -> dict:
     """Upload `screenings` photographs with `concurrency` clients; returns what the clients saw."""
@@ -441,9 +426,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> dict:
             "check_storage": {"exit": check.returncode, "summary": (check.stdout.strip().splitlines() or [""])[-1]},
             "wall_s": round(driven["wall_s"], 1),
             "throughput_per_s": round(len(seconds) / driven["wall_s"], 2) if driven["wall_s"] else None,
-            "latency_s": {"p50": _round(_percentile(seconds, 50)), "p95": _round(_percentile(seconds, 95)),
-                          "p99": _round(_percentile(seconds, 99)), "max": _round(max(seconds, default=None)),
-                          "mean": _round(statistics.fmean(seconds) if seconds else None)},
+            "latency_s": _in_seconds(stats(seconds)),
             "rss": memory,
         }
         result["ok"] = (result["errors"] == 0 and lost == 0 and not problems(report) and extra_rows == 0
@@ -451,8 +434,9 @@ def _run(args: argparse.Namespace, workdir: Path) -> dict:
     return result
 
 
-def _round(x):
-    return None if x is None else round(x, 3)
+def _in_seconds(ms: dict) -> dict:
+    """The benchmarks' latency summary (bench_load.stats, in ms) in seconds; None when nothing succeeded."""
+    return {k: round(ms[f"{k}_ms"] / 1000, 3) if ms else None for k in ("p50", "p95", "p99", "max", "mean")}
 
 
 def markdown(r: dict) -> str:

@@ -24,8 +24,7 @@ from flask import Flask, jsonify, request
 
 from handlers import fundus
 from handlers.model import DRNet
-
-DISCLAIMER = "Demo model trained on synthetic images. Not for clinical use."
+from scripts.archive import SYNTHETIC_DISCLAIMER
 
 
 def load(path: str) -> dict:
@@ -60,7 +59,7 @@ def create_app(checkpoint: str | None = None) -> Flask:
                   "referable_threshold": state["threshold"], "gradable": bool(prepared.quality["gradable"]),
                   "quality": prepared.quality,
                   "model": {"name": "dr", "version": "naive", "synthetic_training_data": state["synthetic"]},
-                  "disclaimer": DISCLAIMER if state["synthetic"] else None,
+                  "disclaimer": SYNTHETIC_DISCLAIMER if state["synthetic"] else None,
                   "timings_ms": {**prepared.timings_ms, "inference": None}}
         if prepared.tensor is not None:
             started = time.perf_counter()

@@ -70,9 +70,13 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 class Process:
-    """A child process in its own process group, with its output in `log_path`."""
+    """A child process in its own process group, with its output in `log_path`.
+
+    Ready means `ready_url` answers 200, unless a subclass knows better (wait_ready).
+    """
 
     name = "process"
+    ready_url: str | None = None
 
     def __init__(self, workdir: Path, env: dict | None = None):
         self.workdir = Path(workdir)
@@ -85,7 +89,17 @@ class Process:
         raise NotImplementedError
 
     def wait_ready(self, timeout: float) -> None:
-        raise NotImplementedError
+        self.wait_until(lambda: _http_ok(self.ready_url), timeout, f"{self.name} on {self.ready_url}")
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+        """wait_for(predicate), giving up at once when this process has exited."""
+
+        def alive_and_ready() -> bool:
+            if not self.running:
+                raise ServiceExited(f"{self.name} exited")
+            return predicate()
+
+        wait_for(alive_and_ready, timeout, what, interval)
 
     def _spawn(self, cwd: Path | None = None) -> None:
         env = {**os.environ, **self.env}
@@ -198,8 +212,6 @@ class SeaweedS3(Process):
 
         # The port answers before authorization is ready: only a successful PUT means ready.
         def put_works() -> bool:
-            if not self.running:
-                raise ServiceExited("weed exited")
             try:
                 s3.create_bucket(Bucket=self.bucket)
             except s3.exceptions.BucketAlreadyOwnedByYou:
@@ -211,7 +223,7 @@ class SeaweedS3(Process):
             s3.delete_object(Bucket=self.bucket, Key=".ready")
             return True
 
-        wait_for(put_works, timeout, f"SeaweedFS S3 on {self.endpoint_url}", interval=0.25)
+        self.wait_until(put_works, timeout, f"SeaweedFS S3 on {self.endpoint_url}", interval=0.25)
 
     def settings_env(self) -> dict[str, str]:
         """The API's environment for this server."""
@@ -241,6 +253,7 @@ class TorchServe(Process):
         self.inference_url = f"http://127.0.0.1:{inf}"
         self.management_url = f"http://127.0.0.1:{mgmt}"
         self.metrics_url = f"http://127.0.0.1:{met}"
+        self.ready_url = f"{self.inference_url}/ping"  # Healthy before any model loads: see wait_model_ready
         self.log_dir = self.workdir / "logs"
         self.config_path = self.workdir / "config.properties"
 
@@ -286,13 +299,9 @@ class TorchServe(Process):
         self._write_config()
         return super().start(timeout)
 
-    def wait_ready(self, timeout: float) -> None:
-        def ping() -> bool:
-            if not self.running:
-                raise ServiceExited("torchserve exited")
-            return _http_ok(f"{self.inference_url}/ping")
-
-        wait_for(ping, timeout, f"TorchServe on {self.inference_url}")
+    def settings_env(self) -> dict[str, str]:
+        """The API's environment for this server."""
+        return {"TORCHSERVE_INFERENCE_URL": self.inference_url, "TORCHSERVE_MANAGEMENT_URL": self.management_url}
 
     def model_status(self, name: str, version: str | None = None) -> list[dict]:
         url = f"{self.management_url}/models/{name}" + (f"/{version}" if version else "")
@@ -304,13 +313,11 @@ class TorchServe(Process):
         """/ping says Healthy before the model loads: readiness is a READY worker."""
 
         def ready() -> bool:
-            if not self.running:
-                raise ServiceExited("torchserve exited")
             return any(w.get("status") == "READY" for m in self.model_status(name, version)
                        for w in m.get("workers", []))
 
         try:
-            wait_for(ready, timeout, f"model {name} READY on {self.management_url}", interval=0.5)
+            self.wait_until(ready, timeout, f"model {name} READY on {self.management_url}", interval=0.5)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.model_log_tail()}") from None
 
@@ -336,6 +343,7 @@ class Gunicorn(Process):
         super().__init__(workdir, env)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_url = f"{self.url}/healthz"
         self.app = app
         self.env.update({"HOST": "127.0.0.1", "PORT": str(self.port), "WEB_CONCURRENCY": str(workers),
                          "PYTHONPATH": str(REPO)})
@@ -352,14 +360,6 @@ class Gunicorn(Process):
         prom.mkdir(parents=True)
         return super().start(timeout)
 
-    def wait_ready(self, timeout: float) -> None:
-        def healthy() -> bool:
-            if not self.running:
-                raise ServiceExited("gunicorn exited")
-            return _http_ok(f"{self.url}/healthz")
-
-        wait_for(healthy, timeout, f"gunicorn on {self.url}")
-
     def worker_pids(self) -> list[int]:
         import psutil
 
@@ -372,6 +372,13 @@ class Gunicorn(Process):
         pid = self.worker_pids()[0]
         os.kill(pid, signal.SIGKILL)
         return pid
+
+
+def flask_cli(env: dict, *args: str, timeout: float = 600, capture: bool = True) -> subprocess.CompletedProcess:
+    """`flask --app control_api ARGS` from the repository root, with the API's environment `env`."""
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "control_api", *args], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env}, capture_output=capture, text=True,
+                          timeout=timeout)
 
 
 class PostgresDatabase:

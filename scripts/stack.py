@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from scripts.services import REPO, VENV_BIN, Gunicorn, SeaweedS3, TorchServe
+from scripts.services import REPO, Gunicorn, SeaweedS3, TorchServe, flask_cli
 
 DEMO_CHECKPOINT = REPO / "models" / "demo" / "checkpoint.pt"
 DEMO_VERSION = "1.0"
@@ -26,7 +25,6 @@ MODEL_NAME = "dr"
 # MODEL_PATH: the deployment guide's name for the model store (the container uses it too).
 MODEL_STORE = Path(os.environ.get("MODEL_PATH") or REPO / "model_store").resolve()
 VAR = REPO / "var"
-SAMPLE = REPO / "samples" / "right_normal_600.jpg"
 STACK_DATABASE = "clarity"
 
 
@@ -113,13 +111,11 @@ def run(args: argparse.Namespace) -> int:
     VAR.mkdir(exist_ok=True)
     processes = []
     stop = threading.Event()
+    ts = TorchServe(VAR / "torchserve", MODEL_STORE, models=f"{MODEL_NAME}=dr_{DEMO_VERSION}.mar",
+                    ports=(8080, 8081, 8082))
     # Embedded defaults (SQLite var/clarity.db, images in var/images) are the settings' own,
     # relative to the repository root where gunicorn and the CLI run.
-    env = {
-        "TORCHSERVE_INFERENCE_URL": "http://127.0.0.1:8080",
-        "TORCHSERVE_MANAGEMENT_URL": "http://127.0.0.1:8081",
-        "TORCHSERVE_MODEL_NAME": MODEL_NAME,
-    }
+    env = {**ts.settings_env(), "TORCHSERVE_MODEL_NAME": MODEL_NAME}
     try:
         if args.postgres:
             env["DATABASE_URL"] = _postgres_url()
@@ -130,11 +126,7 @@ def run(args: argparse.Namespace) -> int:
             s3.start()
             env.update(s3.settings_env())
         print("migrating the database ...", flush=True)
-        subprocess.run([str(VENV_BIN / "flask"), "--app", "control_api", "migrate"], cwd=REPO, check=True,
-                       env={**os.environ, **env, "PYTHONPATH": str(REPO)})
-
-        ts = TorchServe(VAR / "torchserve", MODEL_STORE, models=f"{MODEL_NAME}=dr_{DEMO_VERSION}.mar",
-                        ports=(8080, 8081, 8082))
+        flask_cli(env, "migrate", capture=False).check_returncode()
         processes.append(ts)
         print("starting TorchServe ...", flush=True)
         ts.start()

@@ -22,11 +22,10 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-import psycopg2
 import pytest
 import requests
 
-from scripts.services import REPO, PostgresDatabase
+from scripts.services import REPO, PostgresDatabase, wait_for
 from tests.plugins.stack import TcpProxy, jpeg, new_patient, problems, upload
 
 pytestmark = pytest.mark.integration
@@ -62,22 +61,14 @@ def clinician(stack):
     return stack.key("clinician")
 
 
-def sql(stack, statement: str, params=()) -> list:
-    with psycopg2.connect(stack.database_url, connect_timeout=5) as conn, conn.cursor() as cur:
-        cur.execute(statement, params)
-        rows = cur.fetchall() if cur.description else []
-    conn.close()
-    return rows
-
-
 def cli_env(stack) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), **stack.env}
 
 
 def expire_leases(stack) -> None:
     """As if grading.LEASE (5 minutes) had passed since a grader took its pending screenings."""
-    sql(stack, "UPDATE screening SET grading_started_at = now() at time zone 'utc' - interval '10 minutes' "
-               "WHERE status = 'pending' AND grading_started_at IS NOT NULL")
+    stack.sql("UPDATE screening SET grading_started_at = now() at time zone 'utc' - interval '10 minutes' "
+              "WHERE status = 'pending' AND grading_started_at IS NOT NULL")
 
 
 def assert_consistent(stack, expected: dict | None = None) -> dict:
@@ -87,13 +78,6 @@ def assert_consistent(stack, expected: dict | None = None) -> dict:
     assert check.returncode == 0, check.stdout + check.stderr
     assert f"{report['rows']} checked, 0 problems" in check.stdout
     return report
-
-
-def wait_until(predicate, what: str, limit: float = 120) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.05)
 
 
 def photo(tag: str, i: int) -> bytes:
@@ -119,7 +103,7 @@ def stream(stack, headers, patient_id, count: int, tag: str, *, concurrency: int
 
     with ThreadPoolExecutor(concurrency) as pool:
         futures = [pool.submit(one, i) for i in range(count)]
-        wait_until(lambda: sum(f.done() for f in futures) >= after, f"{after} uploads answered")
+        wait_for(lambda: sum(f.done() for f in futures) >= after, 120, f"{after} uploads answered", interval=0.05)
         fault()
         results = [f.result() for f in futures]
     return [(hashlib.sha256(data).hexdigest(), r) for data, r in zip(images, results)]
@@ -382,7 +366,7 @@ def test_reconcile_repairs_orphans_in_both_directions(stack, clinician):
     applied = stack.cli("reconcile", "--apply", "--grace-minutes", "0")
     assert applied.returncode == 0 and "1 objects without rows, 1 rows without objects repaired" in applied.stdout
     assert orphan_key not in stack.object_keys() and doomed_id not in stack.rows()
-    assert sql(stack, "SELECT count(*) FROM grading WHERE screening_id = %s", (doomed_id,)) == [(0,)]
+    assert stack.sql("SELECT count(*) FROM grading WHERE screening_id = %s", (doomed_id,)) == [(0,)]
     assert_consistent(stack)
 
 
@@ -413,7 +397,8 @@ def test_gunicorn_worker_killed_mid_request(stack, clinician):
             assert r.status_code in (201, 202), r.text
         else:
             assert isinstance(r, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)), repr(r)
-    wait_until(lambda: len(api.worker_pids()) == 2 and not set(kills) & set(api.worker_pids()), "workers replaced")
+    wait_for(lambda: len(api.worker_pids()) == 2 and not set(kills) & set(api.worker_pids()), 120, "workers replaced",
+             interval=0.05)
 
     report = stack.consistency()
     for name in ("rows_without_object", "ungraded", "graded_twice"):
@@ -435,7 +420,7 @@ def test_gunicorn_worker_killed_mid_request(stack, clinician):
     final = {i: (retried.get(i) or r) for i, (_, r) in enumerate(results)}
     expected = {final[i].json()["id"]: sha for i, (sha, _) in enumerate(results)}
     assert len(expected) == 16  # one screening per Idempotency-Key
-    assert sql(stack, "SELECT count(*) FROM screening WHERE idempotency_key LIKE 'worker-kill-%%'") == [(16,)]
+    assert stack.sql("SELECT count(*) FROM screening WHERE idempotency_key LIKE 'worker-kill-%%'") == [(16,)]
 
     expire_leases(stack)
     graded = stack.cli("grade-pending")
@@ -468,8 +453,8 @@ def test_every_process_restarted(stack, clinician):
     stack.torchserve.wait_model_ready("dr", "1.0", timeout=120)
     stack.api.start(timeout=60)
     assert requests.get(f"{stack.url}/readyz", timeout=30).status_code == 200  # opens pooled connections
-    terminated = sql(stack, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    terminated = stack.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND pid <> pg_backend_pid()")
     assert terminated, "the API holds no database connection to drop"
 
     assert stack.rows() == rows_before
@@ -478,7 +463,7 @@ def test_every_process_restarted(stack, clinician):
     assert requests.get(f"{stack.url}/readyz", timeout=30).status_code == 200
 
     for sid, row in sorted(rows_before.items())[:5]:
-        pid = sql(stack, "SELECT patient_id FROM screening WHERE id = %s", (sid,))[0][0]
+        pid = stack.sql("SELECT patient_id FROM screening WHERE id = %s", (sid,))[0][0]
         link = requests.get(f"{stack.url}/api/v1/patients/{pid}/screenings/{sid}/image", headers=clinician,
                             allow_redirects=False, timeout=30)
         assert link.status_code == 302, link.text

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import uuid
 
-import psycopg2
 import pytest
 import requests
 
@@ -65,17 +64,9 @@ def data(stack, keys):
     return {"a": a, "b": b, "screening": screening.json()["id"]}
 
 
-def sql(stack, statement: str, params=()) -> list:
-    with psycopg2.connect(stack.database_url, connect_timeout=5) as conn, conn.cursor() as cur:
-        cur.execute(statement, params)
-        rows = cur.fetchall()
-    conn.close()
-    return rows
-
-
 def audit_events(stack, request_id: str) -> list[tuple]:
-    return sql(stack, "SELECT action, outcome, resource_type, resource_id::text, patient_id::text, actor_prefix "
-                      "FROM audit_event WHERE request_id = %s ORDER BY id", (request_id,))
+    return stack.sql("SELECT action, outcome, resource_type, resource_id::text, patient_id::text, actor_prefix "
+                     "FROM audit_event WHERE request_id = %s ORDER BY id", (request_id,))
 
 
 def call(stack, method: str, path: str, headers=None, **kwargs) -> requests.Response:
@@ -126,7 +117,7 @@ def test_a_screening_cannot_be_read_through_another_patients_url(stack, keys, da
         assert [(e[1], e[3], e[4]) for e in events] == [("not_found", sid, data["b"])], events
     listed = call(stack, "GET", base, clinician).json()["items"]
     assert listed == []
-    assert sql(stack, "SELECT count(*) FROM grading WHERE screening_id = %s", (sid,)) == [(1,)]
+    assert stack.sql("SELECT count(*) FROM grading WHERE screening_id = %s", (sid,)) == [(1,)]
 
 
 # Every endpoint that touches patient data: (endpoint, method, path, body kind, action, resource type).
@@ -243,8 +234,8 @@ def test_images_are_encrypted_at_rest_and_keys_carry_no_patient_data(stack, keys
     s3 = stack.s3.client()
     keys_in_bucket = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.s3.bucket)
                       for o in page.get("Contents", [])]
-    ours = {row[0] for row in sql(stack, "SELECT image_key FROM screening")}
-    patients = {row[0] for row in sql(stack, "SELECT id::text FROM patient")}
+    ours = {row[0] for row in stack.sql("SELECT image_key FROM screening")}
+    patients = {row[0] for row in stack.sql("SELECT id::text FROM patient")}
     assert ours and ours <= set(keys_in_bucket)
     for key in keys_in_bucket:
         assert UUID_KEY.match(key), key
@@ -308,12 +299,12 @@ def test_uploads_are_rate_limited_per_key(stack, make_stack):
     pid = new_patient(limited, first, "ratelimit")
     for n in range(3):
         assert upload(limited, first, pid, jpeg(seed=30 + n)).status_code == 201
-    rows = sql(stack, "SELECT count(*) FROM screening")
+    rows = stack.sql("SELECT count(*) FROM screening")
     refused = upload(limited, first, pid, jpeg(seed=33))
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["code"] == "rate_limited" and int(refused.headers["Retry-After"]) > 0
     assert_security_headers(refused)
-    assert sql(stack, "SELECT count(*) FROM screening") == rows
+    assert stack.sql("SELECT count(*) FROM screening") == rows
     assert [e[:2] for e in audit_events(stack, refused.headers["X-Request-ID"])] == [("screening.create", "rejected")]
     assert upload(limited, second, pid, jpeg(seed=34)).status_code == 201
     assert call(limited, "GET", f"/api/v1/patients/{pid}", first).status_code == 200
