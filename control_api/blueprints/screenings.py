@@ -27,10 +27,10 @@ from ..errors import RETRY_AFTER_SECONDS, ApiError
 from ..grading import grade, release
 from ..models import Grading, Screening, utcnow
 from ..pagination import page
-from ..ratelimit import limiter, upload_limit
+from ..ratelimit import limiter, regrade_limit, upload_limit
 from ..storage import get_storage, screening_key, sha256_hex
 from ..torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client
-from . import Blueprint
+from . import Blueprint, uploads
 from .patients import get_patient
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def _delete_object(key: str) -> None:
 
 @blp.route("", methods=["POST"])
 @roles(*CLINICAL)
+@uploads
 @audited("screening.create", "screening")
 @limiter.limit(upload_limit)
 @blp.arguments(schemas.ScreeningUpload, location="multipart")
@@ -226,6 +227,7 @@ def read_image(patient_id, screening_id):
 @blp.route("/<uuid:screening_id>/grade", methods=["POST"])
 @roles(*CLINICAL)
 @audited("screening.grade", "screening")
+@limiter.limit(regrade_limit)
 @blp.arguments(schemas.GradeRequest, required=False)
 @blp.response(201, schemas.Screening)
 def regrade(args, patient_id, screening_id):
