@@ -19,7 +19,7 @@ EXPECTED = {
     "patients.delete_patient": CLINICAL, "patients.patient_summary": CLINICAL,
     "screenings.create_screening": CLINICAL, "screenings.list_screenings": CLINICAL,
     "screenings.read_screening": CLINICAL, "screenings.read_image": CLINICAL, "screenings.regrade": CLINICAL,
-    "models.list_models": ("admin",),
+    "models.list_models": ("admin",), "health.readiness_details": ("admin",),
     "audit.list_events": ("auditor", "admin"),
 }
 

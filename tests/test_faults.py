@@ -61,6 +61,16 @@ def clinician(stack):
     return stack.key("clinician")
 
 
+_admins: dict = {}
+
+
+def admin(stack) -> dict:
+    """An admin key: which dependency /readyz found missing is in GET /api/v1/readiness."""
+    if id(stack) not in _admins:
+        _admins[id(stack)] = stack.key("admin")
+    return _admins[id(stack)]
+
+
 def cli_env(stack) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), **stack.env}
 
@@ -136,7 +146,7 @@ def test_torchserve_killed_during_uploads(stack, clinician):
         expected = {r.json()["id"]: sha for sha, r in results}
         assert_consistent(stack, expected)
 
-        ready = requests.get(f"{stack.url}/readyz", timeout=30)
+        ready = requests.get(f"{stack.url}/api/v1/readiness", headers=admin(stack), timeout=30)
         assert ready.status_code == 503 and ready.json()["checks"]["torchserve"]["ok"] is False
         still_down = stack.cli("grade-pending")
         assert still_down.returncode == 1, still_down.stdout
@@ -230,7 +240,7 @@ def test_s3_server_stopped(stack, clinician):
         assert requests.get(f"{base}/screenings/{sid}", headers=clinician, timeout=30).status_code == 200
         assert stack.rows() == rows_before
 
-        ready = requests.get(f"{stack.url}/readyz", timeout=60)
+        ready = requests.get(f"{stack.url}/api/v1/readiness", headers=admin(stack), timeout=60)
         assert ready.status_code == 503 and ready.json()["checks"]["storage"]["ok"] is False
         assert requests.get(f"{stack.url}/healthz", timeout=10).status_code == 200
     finally:
@@ -267,7 +277,7 @@ def test_postgres_unreachable(stack, clinician, pg_proxy):
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] in ("database_unavailable", "audit_unavailable")
         assert requests.get(f"{stack.url}/healthz", timeout=10).status_code == 200
-        ready = requests.get(f"{stack.url}/readyz", timeout=60)
+        ready = requests.get(f"{stack.url}/api/v1/readiness", headers=admin(stack), timeout=60)
         assert ready.status_code == 503 and ready.json()["checks"]["database"]["ok"] is False
         assert stack.object_keys() == objects_before
     finally:

@@ -24,7 +24,7 @@ from ..audit import audited, target
 from ..auth import ADMIN, CLINICAL, require_role, roles
 from ..db import db
 from ..errors import RETRY_AFTER_SECONDS, ApiError
-from ..grading import grade, release
+from ..grading import failed_attempt, grade, release
 from ..models import Grading, Screening, utcnow
 from ..pagination import page
 from ..ratelimit import limiter, regrade_limit, upload_limit
@@ -163,7 +163,10 @@ def create_screening(form, patient_id):
         except ApiError:
             _discard(screening)
             raise
-        release(screening)
+        if getattr(exc, "reached", False):
+            failed_attempt(screening)  # TorchServe took it and did not grade it: counted
+        else:
+            release(screening)
         metrics.SCREENINGS.labels("pending").inc()
         log.warning("grading deferred", extra={"screening_id": str(screening.id), "reason": str(exc)})
     except ImageRejected as exc:
