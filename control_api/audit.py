@@ -104,6 +104,7 @@ def record(response):
     try:
         with db.atomic():
             _write(*spec, response.status_code)
-    except AuditUnavailable as exc:
+    except (AuditUnavailable, peewee.PeeweeException):
+        exc = AuditUnavailable()
         return error_response(exc.status, exc.code, exc.message, headers=exc.headers)
     return response

@@ -41,8 +41,7 @@ def _wait_with_deadline(conn) -> None:
         else:
             raise psycopg2.OperationalError(f"bad state from poll: {state}")
         if not ready:
-            # The connection is in an unknown state: close it, so the pool drops it.
-            conn.close()
+            # psycopg2 then cancels the query and marks the connection broken (the pool drops it).
             raise psycopg2.OperationalError(f"no answer from the database within {_deadline.seconds:g} s")
 
 
