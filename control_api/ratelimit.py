@@ -2,7 +2,7 @@
 
 The count lives in RATE_LIMIT_STORAGE_URI. With memory:// each gunicorn worker counts on its
 own, so the effective limit is up to WEB_CONCURRENCY times the setting: compose and ECS point
-it at Redis for one shared count, under RATE_LIMIT_KEY_PREFIX (one prefix per deployment).
+it at Redis for one shared count, under RATE_LIMIT_PREFIX (one prefix per deployment).
 
 Redis down: the limiter falls back to counting in each worker's memory (the same limits, per
 worker) and tries Redis again with a growing interval. That is fail-open within a bound: a
@@ -44,7 +44,7 @@ def seconds_until_reset() -> int:
 
 def init_app(app, settings) -> None:
     app.config["RATELIMIT_STORAGE_URI"] = settings.rate_limit_storage_uri
-    app.config["RATELIMIT_KEY_PREFIX"] = settings.rate_limit_key_prefix
+    app.config["RATELIMIT_KEY_PREFIX"] = settings.rate_limit_prefix
     app.config["RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"] = True
     if settings.rate_limit_storage_uri.startswith(("redis://", "rediss://")):
         app.config["RATELIMIT_STORAGE_OPTIONS"] = {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}

@@ -51,7 +51,7 @@ class Settings:
     regrade_rate_limit: str = setting("REGRADE_RATE_LIMIT", "30/minute", "re-grades per API key")
     delete_rate_limit: str = setting("DELETE_RATE_LIMIT", "30/minute", "patient deletions per API key")
     rate_limit_storage_uri: str = setting("RATE_LIMIT_STORAGE_URI", "memory://", "flask-limiter storage")
-    rate_limit_key_prefix: str = setting("RATE_LIMIT_KEY_PREFIX", "clarity", "prefix of the limiter's keys")
+    rate_limit_prefix: str = setting("RATE_LIMIT_PREFIX", "clarity", "prefix of the limiter's keys")
     web_concurrency: int = setting("WEB_CONCURRENCY", 0, "gunicorn workers; 0 means min(2 x cores + 1, 8)")
     gunicorn_threads: int = setting("GUNICORN_THREADS", 4, "threads per gunicorn worker")
     gunicorn_timeout: int = setting("GUNICORN_TIMEOUT", 0, "worker timeout; 0 means TorchServe's + 30 s")

@@ -50,7 +50,7 @@ def stack(make_stack):
     return make_stack(name="hardening-http", workers=3, api_env={
         "MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "UPLOAD_RATE_LIMIT": "5/minute", "REGRADE_RATE_LIMIT": "2/minute",
         "DELETE_RATE_LIMIT": "2/minute", "RATE_LIMIT_STORAGE_URI": "redis://127.0.0.1:6379/0",
-        "RATE_LIMIT_KEY_PREFIX": PREFIX})
+        "RATE_LIMIT_PREFIX": PREFIX})
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +322,7 @@ def test_with_redis_unreachable_each_worker_counts_alone(stack, make_stack, pati
     dead = free_port()
     alone = make_stack(name="redis-down", database=stack.database, workers=1, api_env={
         "UPLOAD_RATE_LIMIT": "3/minute", "RATE_LIMIT_STORAGE_URI": f"redis://127.0.0.1:{dead}/0",
-        "RATE_LIMIT_KEY_PREFIX": PREFIX})
+        "RATE_LIMIT_PREFIX": PREFIX})
     key = alone.key("clinician")
     url = f"{alone.url}/api/v1/patients/{patient}/screenings"
     first = requests.post(url, headers=key, timeout=30,
