@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from scripts.services import REPO, PostgresDatabase, free_port, wait_for
-from tests.plugins.stack import TcpProxy, jpeg, new_patient, problems
+from scripts.serving.processes import REPO, PostgresDatabase, free_port, wait_for
+from tests.support.harness import TcpProxy, jpeg, new_patient, problems
 
 pytestmark = pytest.mark.integration
 

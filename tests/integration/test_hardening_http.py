@@ -27,8 +27,8 @@ import pytest
 import requests
 import urllib3
 
-from scripts.services import REPO, Process, free_port
-from tests.plugins.stack import jpeg, new_patient
+from scripts.serving.processes import REPO, Process, free_port
+from tests.support.harness import jpeg, new_patient
 
 pytestmark = pytest.mark.integration
 
