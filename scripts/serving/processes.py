@@ -21,6 +21,8 @@ from typing import Callable
 
 import requests
 
+from scripts.serving.management import Management, any_ready
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
@@ -311,20 +313,13 @@ class TorchServe(Process):
         return {"TORCHSERVE_INFERENCE_URL": self.inference_url, "TORCHSERVE_MANAGEMENT_URL": self.management_url}
 
     def model_status(self, name: str, version: str | None = None) -> list[dict]:
-        url = f"{self.management_url}/models/{name}" + (f"/{version}" if version else "")
-        r = requests.get(url, timeout=5)
-        r.raise_for_status()
-        return r.json()
+        return Management(self.management_url, timeout=5).describe(name, version)
 
     def wait_model_ready(self, name: str, version: str | None = None, timeout: float = 120) -> None:
         """/ping says Healthy before the model loads: readiness is a READY worker."""
-
-        def ready() -> bool:
-            return any(w.get("status") == "READY" for m in self.model_status(name, version)
-                       for w in m.get("workers", []))
-
         try:
-            self.wait_until(ready, timeout, f"model {name} READY on {self.management_url}", interval=0.5)
+            self.wait_until(lambda: any_ready(self.model_status(name, version)), timeout,
+                            f"model {name} READY on {self.management_url}", interval=0.5)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.model_log_tail()}") from None
 

@@ -530,7 +530,8 @@ def test_api_image_installs_what_the_api_imports_and_no_torch():
 
 def test_serve_image_installs_what_the_handler_and_tools_import():
     req = requirement_names(DEPLOY / "requirements-serve.txt")
-    files = [*(REPO / "handlers").glob("*.py"), DEPLOY / "healthcheck.py", REPO / "scripts" / "serving" / "registry.py"]
+    files = [*(REPO / "handlers").glob("*.py"), DEPLOY / "healthcheck.py",
+             *(REPO / "scripts" / "serving" / name for name in ("management.py", "registry.py"))]
     local = {"handlers", "scripts"} | {p.stem for p in (REPO / "handlers").glob("*.py")}  # the .mar's flat copies
     modules = third_party_imports(files, local=local)
     installed = installed_closure(req)
@@ -600,6 +601,10 @@ def test_serve_image_healthcheck_asks_for_a_ready_worker(serve_df, default_setti
     cmd = healthcheck_command(serve_df)
     assert cmd[:2] == ["python", "/home/model-server/healthcheck.py"]
     assert copied_to(serve_df, "deploy/healthcheck.py") == "/home/model-server/healthcheck.py"
+    # It counts READY workers with the tools' management client: copied where PYTHONPATH finds it.
+    pythonpath = " ".join(i.args for i in serve_df.of("ENV", serve_df.final_stage)).split("PYTHONPATH=")[1].split()[0]
+    for module in ("scripts/__init__.py", "scripts/serving/__init__.py", "scripts/serving/management.py"):
+        assert copied_to(serve_df, module) == f"{pythonpath}/{module}"
     assert cmd[cmd.index("--model") + 1] == default_settings.torchserve_model_name
     assert urlsplit(cmd[-1]).port == ts_ports(container_ts_config())["management"]
     (entry,) = serve_df.of("ENTRYPOINT", serve_df.final_stage)
