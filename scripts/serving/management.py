@@ -76,13 +76,6 @@ class Management:
         except ValueError:
             return r.text
 
-
-def _workers(description: dict) -> dict:
-    states = [w.get("status") for w in description.get("workers", [])]
-    return {"workers": len(states), "ready": states.count("READY")}
-
-
-
     def describe(self, name: str, version: str | None = None) -> list[dict]:
         """GET /models/NAME[/VERSION]: the default version's (or VERSION's) description, in a list."""
         return self.call("GET", f"/models/{name}" + (f"/{version}" if version else ""))
