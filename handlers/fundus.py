@@ -21,19 +21,11 @@ from PIL import Image, ImageFilter, ImageOps
 # Inside a .mar every handler file is a top-level module: try that first so a worker runs the
 # code it was archived with even when the repository is on PYTHONPATH too.
 try:
+    import image_limits
     import quality
 except ImportError:
-    from handlers import quality
+    from handlers import image_limits, quality
 
-# Sniffed from the bytes, never from a file name or a content type.
-_MAGIC = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
-DEFAULT_MAX_PIXELS = 60_000_000   # fundus cameras give 5-24 MP; 40000x40000 headers are bombs
-MIN_IMAGE_SIDE = 64               # below this there is nothing to grade
 FIND_SIZE = 160                   # long side of the copy find_disc works on (~0.5% radius error)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -149,7 +141,7 @@ class Prepared:
 
 # ---------------------------------------------------------------- decoding
 
-def decode(data: bytes, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode(data: bytes, *, min_side: int, max_pixels: int = image_limits.MAX_PIXELS) -> Image.Image:
     """Bytes -> RGB image, EXIF-oriented, shrunk while decoding so its shorter side stays >= min_side.
 
     JPEG is scaled in the DCT (draft mode), so a 9 MP photograph is never decoded at full size.
@@ -157,7 +149,7 @@ def decode(data: bytes, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
     """
     if not data:
         raise ImageRejected("empty_image", 400, "The request contained no image data.")
-    fmt = next((name for magic, name in _MAGIC if data.startswith(magic)), None)
+    fmt, _ = image_limits.sniff(data) or (None, None)
     if fmt is None:
         other = _identify(data)
         if other:
@@ -177,7 +169,7 @@ def decode(data: bytes, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
         except ImageRejected:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise _too_large(max_pixels) from None
+            raise ImageRejected(*_with_status(image_limits.too_large(max_pixels))) from None
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
             if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
                 raise ImageRejected("truncated_image", 422,
@@ -201,17 +193,14 @@ def _identify(data: bytes) -> str | None:
 
 
 def _check_size(size: tuple, max_pixels: int) -> None:
-    if size[0] * size[1] > max_pixels:
-        raise _too_large(max_pixels)
-    if min(size) < MIN_IMAGE_SIDE:
-        raise ImageRejected("image_too_small", 422,
-                            f"The image is {size[0]}x{size[1]} pixels; at least "
-                            f"{MIN_IMAGE_SIDE} pixels per side are needed.")
+    problem = image_limits.size_problem(*size, max_pixels)
+    if problem:
+        raise ImageRejected(*_with_status(problem))
 
 
-def _too_large(max_pixels: int) -> ImageRejected:
-    return ImageRejected("image_too_large", 413,
-                         f"The image has more than {max_pixels:,} pixels.")
+def _with_status(problem: tuple[str, str]) -> tuple[str, int, str]:
+    code, message = problem
+    return code, image_limits.SIZE_STATUS, message
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

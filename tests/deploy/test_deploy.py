@@ -7,6 +7,7 @@ runs when nginx is installed (Debian's `nginx-light`), and a structural parse al
 """
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -516,11 +517,18 @@ def test_api_image_healthcheck_and_command(api_df, api_routes):
     assert re.search(rf"^{attr} = ", wsgi.read_text(), re.M), f"{module} defines no {attr}"
 
 
-def test_api_image_installs_what_the_api_imports_and_no_torch():
+def test_api_image_installs_what_the_api_imports_and_no_torch(api_df):
     req = requirement_names(DEPLOY / "requirements-api.txt")
     assert not set(req) & MODEL_STACK, "the API image must not carry the model stack"
-    files = [p for p in (REPO / "control_api").rglob("*.py")] + [REPO / "gunicorn.conf.py"]
-    modules = third_party_imports(files, local={"control_api"})
+    files = [*(REPO / "control_api").rglob("*.py"), REPO / "gunicorn.conf.py"]
+    local = {"control_api", "handlers"}
+    modules = third_party_imports(files, local=local)
+    # Of handlers/, the API imports only the image limits (no torch), and the image copies them.
+    from_handlers = {f"{node.module}.{a.name}" for path in files for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("handlers")
+                     for a in node.names}
+    assert from_handlers == {"handlers.image_limits"}, from_handlers
+    assert copied_to(api_df, "handlers/image_limits.py") == "/app/handlers/image_limits.py"
     installed = installed_closure(req)
     assert not installed & MODEL_STACK, f"a requirement pulls in the model stack: {installed & MODEL_STACK}"
     missing = {m: d for m, d in distributions_for(modules).items() if not d & installed}
