@@ -11,7 +11,7 @@ import io
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -41,46 +41,14 @@ class ImageRejected(ValueError):
         return {"code": self.code, "message": self.message}
 
 
-class _Config:
-    """to_dict/from_dict for the frozen configs stored in checkpoints and model_meta.json."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None):
-        d = dict(d or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(d) - set(known)
-        if unknown:  # a silently ignored setting would preprocess differently from training
-            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 @dataclass(frozen=True)
-class PreprocessConfig(_Config):
+class PreprocessConfig(quality.StoredConfig):
     input_size: int = 224
     ben_graham: bool = True        # subtract the local average colour (Ben Graham, Kaggle DR 2015)
     circular_mask: bool = True     # blank everything outside mask_radius * disc radius
     mask_radius: float = 0.95      # hides the dark rim of the disc
     mean: tuple = (0.485, 0.456, 0.406)   # ImageNet, as the pretrained backbones expect
     std: tuple = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class QualityThresholds(_Config):
-    """Limits of the quality gate (handlers/quality.py); docs/preprocessing.md says how they were set."""
-
-    min_disc_fit: float = 0.85        # no_fundus_detected: IoU of the bright region with the circle
-    max_border: float = 0.25          # no_fundus_detected: brightness outside the circle / inside
-    min_retina_visible: float = 0.5   # too_little_retina: share of the disc inside the frame
-    min_retina_area: float = 0.25     # too_little_retina: share of the frame covered by retina
-    min_brightness: float = 0.10      # too_dark: mean luminance of the retina, 0..1
-    max_brightness: float = 0.75      # overexposed: mean luminance of the retina, 0..1
-    max_saturated: float = 0.15       # overexposed: share of the retina at luminance >= 0.96
-    min_red_dominance: float = 1.15   # not_fundus_colour: mean R / max(mean G, mean B)
-    min_sharpness: float = 0.20       # blurred: std of the Laplacian of green / std of green
-    min_contrast: float = 0.11        # low_contrast: std / mean of green
 
 
 @dataclass(frozen=True)
@@ -93,12 +61,6 @@ class Disc:
     image_size: tuple          # (width, height) of that image
     fit: float                 # IoU of the bright region with the circle, inside the frame
     border: float              # brightness outside the circle relative to inside (0 = black)
-
-    @property
-    def bbox(self) -> tuple:
-        """Square (left, top, right, bottom) around the circle; may reach outside the image."""
-        x0, y0, side, *_ = _crop_box(self.image_size, self)
-        return (x0, y0, x0 + side, y0 + side)
 
     @property
     def cut_top(self) -> bool:
@@ -233,7 +195,7 @@ def find_disc(img: Image.Image) -> Disc | None:
     """
     factor = max(1, round(max(img.size) / FIND_SIZE))
     a = np.asarray(img.reduce(factor) if factor > 1 else img)
-    v = np.maximum(np.maximum(a[:, :, 0], a[:, :, 1]), a[:, :, 2])  # ndarray.max(axis=2) is 30x slower
+    v = np.maximum(np.maximum(a[:, :, 0], a[:, :, 1]), a[:, :, 2])  # much faster than ndarray.max(axis=2)
     lo, hi = np.searchsorted(np.bincount(v.ravel(), minlength=256).cumsum(), (0.05 * v.size, 0.9 * v.size))
     if hi - lo < 8:  # a uniform frame
         return None
@@ -383,7 +345,7 @@ def input_mask(img_size: tuple, disc: Disc, cfg: PreprocessConfig) -> np.ndarray
 # ---------------------------------------------------------------- quality and the whole chain
 
 def assess_quality(img: Image.Image, disc: Disc | None,
-                   thresholds: QualityThresholds = QualityThresholds(), *,
+                   thresholds: quality.QualityThresholds = quality.QualityThresholds(), *,
                    crop: Image.Image | None = None) -> dict:
     """{"gradable", "score", "reasons"}; see handlers/quality.py and docs/preprocessing.md.
     `crop` reuses crop_disc(img, disc, quality.ANALYSIS_SIZE) when the caller already has it."""
@@ -398,7 +360,7 @@ def quality_metrics(img: Image.Image, disc: Disc, *, crop: Image.Image | None = 
 
 
 def prepare(data: bytes, cfg: PreprocessConfig = PreprocessConfig(),
-            thresholds: QualityThresholds = QualityThresholds(), *, normalise: bool = True) -> Prepared:
+            thresholds: quality.QualityThresholds = quality.QualityThresholds(), *, normalise: bool = True) -> Prepared:
     """decode -> find disc -> quality -> crop/resize/normalise, timed; raises ImageRejected.
     normalise=False stops at the crop (tensor None) for training, which augments it first."""
     t0 = time.perf_counter()

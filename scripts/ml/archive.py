@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from handlers import fundus
+from handlers import fundus, quality
 from handlers.network import ARCHS, DRNet
 from scripts.files import sha256_file
 
@@ -68,7 +68,7 @@ def load_checkpoint(path: Path) -> dict:
         raise ArchiveError(f"{path}: dataset.synthetic is not recorded; the card must say it")
     try:  # the handler will parse these: fail here rather than in a worker
         fundus.PreprocessConfig.from_dict(ck["preprocess"])
-        fundus.QualityThresholds.from_dict(ck["quality"])
+        quality.QualityThresholds.from_dict(ck["quality"])
     except (TypeError, ValueError) as exc:
         raise ArchiveError(f"{path}: {exc}") from None
     return ck
@@ -98,7 +98,7 @@ def model_meta(ck: dict, name: str, version: str, weights_sha256: str) -> dict:
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": weights_sha256,
         "preprocess": fundus.PreprocessConfig.from_dict(ck["preprocess"]).to_dict(),
-        "quality": fundus.QualityThresholds.from_dict(ck["quality"]).to_dict(),
+        "quality": quality.QualityThresholds.from_dict(ck["quality"]).to_dict(),
         "grade_labels": list(ck["grade_labels"]),
         "referable_threshold": int(ck["referable_threshold"]),
         "synthetic": synthetic,
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="dr")
     p.add_argument("--model-store", type=Path, default=Path("model_store"))
     p.add_argument("--batch-size", type=int, default=8)
-    # Defaults from docs/benchmarks: a 5 ms delay beat 50 ms by 1.5-2.1x at concurrency 1-8 (batches
+    # Defaults from docs/benchmarks/findings.md: a 5 ms delay beat 50 ms at low concurrency (batches
     # still fill under load), and one single-threaded worker per core beat fewer, wider workers.
     p.add_argument("--max-batch-delay", type=int, default=5, help="milliseconds")
     p.add_argument("--workers", type=int, default=None,

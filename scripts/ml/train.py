@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 
 # Must be set before torch loads OpenMP: with busy-waiting threads, a machine shared with other
-# processes ran a training step 6-8x slower on 2 threads than on 1; passive waiting removes that.
+# processes ran a training step several times slower on 2 threads than on 1 (docs/training.md);
+# passive waiting removes that.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
@@ -31,7 +32,7 @@ from sklearn.metrics import cohen_kappa_score  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from handlers import fundus  # noqa: E402
+from handlers import fundus, quality  # noqa: E402
 from handlers.network import ARCHS, DRNet  # noqa: E402
 from scripts.ml import datasets  # noqa: E402
 from scripts.ml.archive import CHECKPOINT_FORMAT  # noqa: E402
@@ -181,7 +182,7 @@ def train(args) -> dict:
         raise SystemExit("--val-fraction must be > 0: the best epoch is chosen on validation kappa")
     split = datasets.stratified_split(data.samples, fractions, args.seed)
     cfg = fundus.PreprocessConfig(input_size=args.input_size, ben_graham=not args.no_ben_graham)
-    thresholds = fundus.QualityThresholds()
+    thresholds = quality.QualityThresholds()
     described = data.describe()
     described["split"] = {"seed": args.seed, "fractions": fractions,
                           **{part: sorted(s.name for s in samples) for part, samples in split.items()}}

@@ -277,7 +277,7 @@ def test_plain_normalisation_without_ben_graham(decoded):
 
 # ------------------------------------------------------------------ configs and packaging
 
-@pytest.mark.parametrize("cls", [fundus.PreprocessConfig, fundus.QualityThresholds])
+@pytest.mark.parametrize("cls", [fundus.PreprocessConfig, quality.QualityThresholds])
 def test_config_round_trips_through_json(cls):
     cfg = cls()
     assert cls.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
