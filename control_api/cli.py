@@ -12,7 +12,7 @@ from .auth import create_key, revoke_key
 from .db import db
 from .grading import claim, grade, release
 from .models import ROLES, ApiKey, Grading, Screening, utcnow
-from .storage import IntegrityError, ObjectMissing, StorageUnavailable, get_storage
+from .storage import ObjectCorrupted, ObjectMissing, StorageUnavailable, get_storage
 from .torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client
 
 
@@ -29,13 +29,6 @@ def _migrate() -> None:
 @with_appcontext
 def migrate_command():
     """Create the schema or upgrade it to the latest version (keeps every row)."""
-    _migrate()
-
-
-@click.command("init-db")
-@with_appcontext
-def init_db_command():
-    """Same as `migrate`: an empty database is upgraded from version 0."""
     _migrate()
 
 
@@ -94,7 +87,7 @@ def grade_pending(limit):
             release(screening)
             click.echo(f"stopped: {exc}; {sum(counts.values())} done, the rest stay pending", err=True)
             sys.exit(1)
-        except (ImageRejected, ObjectMissing, IntegrityError) as exc:
+        except (ImageRejected, ObjectMissing, ObjectCorrupted) as exc:
             Screening.update(status="failed", grading_started_at=None, updated_at=utcnow()).where(
                 Screening.id == screening.id).execute()
             click.echo(f"{screening.id} failed: {getattr(exc, 'code', type(exc).__name__)}")
@@ -118,7 +111,7 @@ def check_storage():
         except ObjectMissing:
             problems += 1
             click.echo(f"{s.id} missing object {s.image_key}")
-        except IntegrityError:
+        except ObjectCorrupted:
             problems += 1
             click.echo(f"{s.id} SHA-256 mismatch {s.image_key}")
     click.echo(f"{checked} checked, {problems} problems")
@@ -156,5 +149,5 @@ def reconcile(apply_, grace_minutes):
 
 
 def register(app) -> None:
-    for command in (migrate_command, init_db_command, keys, grade_pending, check_storage, reconcile):
+    for command in (migrate_command, keys, grade_pending, check_storage, reconcile):
         app.cli.add_command(command)

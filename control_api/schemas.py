@@ -132,12 +132,6 @@ class PatientPage(Schema):
     next_cursor = fields.String(allow_none=True)
 
 
-class ModelRef(Schema):
-    name = fields.String()
-    version = fields.String()
-    synthetic_training_data = fields.Boolean()
-
-
 class Grading(Schema):
     id = fields.UUID()
     model = fields.Function(lambda g: {"name": g.model_name, "version": g.model_version,
@@ -154,13 +148,6 @@ class Grading(Schema):
     disclaimer = fields.String(allow_none=True, metadata={
         "description": "Set when the model was trained on synthetic data: not for clinical use."})
     created_at = UTCDateTime()
-
-
-class ImageInfo(Schema):
-    content_type = fields.String()
-    size = fields.Integer()
-    sha256 = fields.String()
-    url = fields.String(metadata={"description": "GET it (with the API key) for the original bytes"})
 
 
 class Screening(Schema):

@@ -23,9 +23,10 @@ class TorchServeUnavailable(Exception):
 
 
 class ImageRejected(Exception):
-    """The model server refused this one image (its 4xx); retrying will not help."""
+    """The model server refused this one image (its 4xx); retrying will not help. Arguments by name,
+    in the order of the handler's own fundus.ImageRejected(code, status, message)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, *, code: str, status: int, message: str):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
 
@@ -100,8 +101,8 @@ class TorchServeClient:
             # Our handler answers {"code": "...", "message": "..."}; TorchServe's own 413 is bare.
             body = body if isinstance(body, dict) else {}
             code = body.get("code") if isinstance(body.get("code"), str) else "rejected_by_model_server"
-            raise ImageRejected(response.status_code, code,
-                                body.get("message") or "The model server refused the image.")
+            raise ImageRejected(code=code, status=response.status_code,
+                                message=body.get("message") or "The model server refused the image.")
         raise TorchServeUnavailable(f"TorchServe answered {response.status_code}")
 
     @_retry_connect

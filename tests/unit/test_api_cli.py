@@ -107,5 +107,5 @@ def test_migrate_reports_versions(api_settings, fake_torchserve):
 
     app = create_app(api_settings, torchserve=fake_torchserve)
     runner = app.test_cli_runner()
-    assert "upgraded from version 0 to 2" in runner.invoke(args=["init-db"]).output
+    assert "upgraded from version 0 to 2" in runner.invoke(args=["migrate"]).output
     assert "up to date (version 2)" in runner.invoke(args=["migrate"]).output
