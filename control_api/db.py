@@ -16,7 +16,7 @@ SQLITE_PRAGMAS = {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 5000
 def database_for(url: str):
     """A peewee Database for `url`, pooled: connections are handed back at the end of each
     request instead of closed. A fresh PostgreSQL connection costs more than most queries here,
-    and closing the last SQLite connection checkpoints the WAL (about 13 ms a request).
+    and closing the last SQLite connection checkpoints the WAL on every request.
     PostgreSQL also gets a short connect timeout, so an unreachable server is a quick 503."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))

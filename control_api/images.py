@@ -57,7 +57,7 @@ def inspect(data: bytes) -> ImageInfo:
     """415 for anything but JPEG/PNG/TIFF; 422 for an unreadable header or a size out of range.
 
     Reads the header only. Decoding the pixels here would repeat TorchServe's work on every
-    upload (19-22 ms for a 10 MP JPEG, 333 ms for a 9 MP PNG; docs/benchmarks/findings.md): TorchServe
+    upload (its cost: docs/benchmarks/findings.md, "applied optimisations" 1): TorchServe
     decodes each image it grades and rejects what it cannot read, and the upload then removes
     what it stored. `verify_decodable` covers the case where TorchServe cannot answer."""
     if not data:
