@@ -24,7 +24,7 @@ from flask import Flask, jsonify, request
 
 from handlers import fundus, quality
 from handlers.network import DRNet
-from scripts.ml.archive import SYNTHETIC_DISCLAIMER
+from scripts.ml.card import SYNTHETIC_DISCLAIMER
 
 
 def load(path: str) -> dict:

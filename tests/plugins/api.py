@@ -21,7 +21,7 @@ from control_api.auth import create_key
 from control_api.db import db
 from control_api.settings import Settings
 from control_api.torchserve import ImageRejected, ModelVersion, TorchServeUnavailable, UnknownModelVersion
-from scripts.ml.archive import SYNTHETIC_DISCLAIMER
+from scripts.ml.card import SYNTHETIC_DISCLAIMER
 from scripts.ml.tiny_model import GRADE_LABELS
 from tests.support.images import encode
 
