@@ -1,5 +1,5 @@
 """The one TorchServe management client for the tools: the models CLI (registry.py), the process
-managers (processes.py) and the serving image's health check (deploy/healthcheck.py) all ask
+managers (processes/) and the serving image's health check (deploy/healthcheck.py) all ask
 TorchServe about models through it, and "a READY worker" is counted here only.
 
 The control API keeps its own client (control_api/torchserve.py): the API image carries no scripts/.
