@@ -41,7 +41,31 @@ SAMPLES = REPO / "samples"
 MODEL_VERSION = "1.0"
 
 
-class LoadStack:
+class StackClient:
+    """What a running stack offers its callers: the API's URL, its CLI with the API's environment,
+    new API keys, and the storage check. Needs `api` (a started Gunicorn) and `env`."""
+
+    api: Gunicorn
+    env: dict
+
+    @property
+    def url(self) -> str:
+        return self.api.url
+
+    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """`flask --app control_api ARGS` with the API's environment."""
+        return flask_cli(self.env, *args, timeout=timeout)
+
+    def key(self, role: str) -> dict:
+        """Headers with a new API key of this role, made by `flask keys create`."""
+        return {"Authorization": f"Bearer {api_key(self.env, role, f'stack {role}')}"}
+
+    def check_storage(self) -> subprocess.CompletedProcess:
+        """`flask check-storage`: every object read back and hashed against its row."""
+        return self.cli("check-storage")
+
+
+class LoadStack(StackClient):
     """PostgreSQL (a scratch database), SeaweedFS S3, TorchServe and the API under gunicorn, all
     started here on loopback and stopped on exit. (The tests' tests.support.harness.PrivateStack
     starts the same processes, sharing some between test modules.)"""
@@ -76,24 +100,8 @@ class LoadStack:
     def __exit__(self, *exc) -> None:
         self._running.close()
 
-    @property
-    def url(self) -> str:
-        return self.api.url
-
-    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """`flask --app control_api ARGS` with the API's environment."""
-        return flask_cli(self.env, *args, timeout=timeout)
-
-    def key(self, role: str) -> dict:
-        """Headers with a new API key of this role."""
-        return {"Authorization": f"Bearer {api_key(self.env, role, f'stack {role}')}"}
-
     def consistency(self, expected: dict[str, str] | None = None) -> dict:
         return consistency(stored_rows(self.database), self.s3.object_keys("screenings/"), expected)
-
-    def check_storage(self) -> subprocess.CompletedProcess:
-        """`flask check-storage`: every object read back and hashed against its row."""
-        return self.cli("check-storage")
 
 
 # -------------------------------------------------------------------- what is stored

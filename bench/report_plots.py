@@ -14,6 +14,14 @@ def _stacked_barh(ax, names: list[str], parts: dict[str, list[float]]) -> None:
         left = [a + b for a, b in zip(left, values)]
 
 
+def _label_barh(ax, xlabel: str, title: str) -> None:
+    """Axis label, title and legend of a horizontal bar chart, first bar at the top."""
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.invert_yaxis()
+
+
 def plots(report: dict, out: Path) -> list[str]:
     """Draw every plot the report has data for into `out`; returns the file names written."""
     import matplotlib
@@ -105,10 +113,7 @@ def _memory(report: dict, plt):
     roles = sorted({r for v in mem.values() for r in v.get("roles_mb", {})})
     names = list(mem)
     _stacked_barh(ax, names, {role: [mem[n].get("roles_mb", {}).get(role, 0.0) for n in names] for role in roles})
-    ax.set_xlabel("peak RSS MB (sum over the process tree)")
-    ax.set_title("Memory per system")
-    ax.legend(fontsize=7)
-    ax.invert_yaxis()
+    _label_barh(ax, "peak RSS MB (sum over the process tree)", "Memory per system")
     return fig, "memory.png"
 
 
@@ -123,10 +128,7 @@ def _preprocess(report: dict, plt):
     ax.scatter([p["full_decode_resize"] for p in pre], names, marker="|", s=200, color="black",
                label="full decode + resize", zorder=3)
     ax.set_xscale("log")
-    ax.set_xlabel("median ms (log)")
-    ax.set_title("Preprocessing steps per input")
-    ax.legend(fontsize=7)
-    ax.invert_yaxis()
+    _label_barh(ax, "median ms (log)", "Preprocessing steps per input")
     return fig, "preprocess.png"
 
 
