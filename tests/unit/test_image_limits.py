@@ -18,14 +18,16 @@ def test_api_and_model_server_answer_a_size_alike(data, code):
         images.inspect(data)
     with pytest.raises(fundus.ImageRejected) as served:
         fundus.decode(data, min_side=224)
-    assert (api.value.status, api.value.code) == (served.value.status, served.value.code) == (image_limits.SIZE_STATUS, code)
+    expected = (image_limits.SIZE_STATUS, code)
+    assert (api.value.status, api.value.code) == (served.value.status, served.value.code) == expected
     assert api.value.message == served.value.message
 
 
 def test_the_limits_are_the_ones_both_apply():
-    assert image_limits.size_problem(image_limits.MIN_SIDE, image_limits.MAX_PIXELS // image_limits.MIN_SIDE) is None
-    assert image_limits.size_problem(image_limits.MIN_SIDE, image_limits.MAX_PIXELS // image_limits.MIN_SIDE + 1)[0] == "image_too_large"
-    assert image_limits.size_problem(image_limits.MIN_SIDE - 1, 1000)[0] == "image_too_small"
+    side, most = image_limits.MIN_SIDE, image_limits.MAX_PIXELS
+    assert image_limits.size_problem(side, most // side) is None
+    assert image_limits.size_problem(side, most // side + 1)[0] == "image_too_large"
+    assert image_limits.size_problem(side - 1, 1000)[0] == "image_too_small"
     assert image_limits.SIZE_STATUS == 422  # 413 stays the answer to a body over MAX_UPLOAD_BYTES
 
 
