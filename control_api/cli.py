@@ -12,7 +12,7 @@ from .auth import create_key, revoke_key
 from .db import db
 from .grading import grade_pending
 from .models import ROLES, ApiKey, Grading, Screening, utcnow
-from .storage import IntegrityError, ObjectMissing, StorageUnavailable, get_storage
+from .storage import ObjectCorrupted, ObjectMissing, StorageUnavailable, get_storage
 from .torchserve import get_client
 
 
@@ -32,13 +32,6 @@ def _migrate() -> None:
 @with_appcontext
 def migrate_command():
     """Create the schema or upgrade it to the latest version (keeps every row)."""
-    _migrate()
-
-
-@click.command("init-db")
-@with_appcontext
-def init_db_command():
-    """Same as `migrate`: an empty database is upgraded from version 0."""
     _migrate()
 
 
@@ -120,7 +113,7 @@ def check_storage():
         except ObjectMissing:
             problems += 1
             click.echo(f"{s.id} missing object {s.image_key}")
-        except IntegrityError:
+        except ObjectCorrupted:
             problems += 1
             click.echo(f"{s.id} SHA-256 mismatch {s.image_key}")
         except StorageUnavailable as exc:  # the network failed, not the object: not a mismatch
@@ -161,6 +154,5 @@ def reconcile(apply_, grace_minutes):
 
 
 def register(app) -> None:
-    for command in (migrate_command, init_db_command, keys, grade_pending_command, grade_worker, check_storage,
-                    reconcile):
+    for command in (migrate_command, keys, grade_pending_command, grade_worker, check_storage, reconcile):
         app.cli.add_command(command)

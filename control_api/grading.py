@@ -20,7 +20,7 @@ from peewee import Case, fn
 from . import metrics
 from .db import db
 from .models import Grading, Screening, utcnow
-from .storage import IntegrityError, ObjectMissing, StorageUnavailable
+from .storage import ObjectCorrupted, ObjectMissing, StorageUnavailable
 from .torchserve import ImageRejected, TorchServeClient, TorchServeUnavailable, UnknownModelVersion
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def grade_pending(client, storage, limit: int | None = None, say=lambda line: No
             counts["stopped"] = 1
             say(f"stopped: {exc}; the rest stay pending")
             break
-        except (ImageRejected, ObjectMissing, IntegrityError) as exc:
+        except (ImageRejected, ObjectMissing, ObjectCorrupted) as exc:
             Screening.update(status="failed", grading_started_at=None, updated_at=utcnow()).where(
                 Screening.id == screening.id).execute()
             metrics.SCREENINGS.labels("failed").inc()

@@ -179,13 +179,6 @@ class Grading(Schema):
     created_at = UTCDateTime()
 
 
-class ImageInfo(Schema):
-    content_type = fields.String()
-    size = fields.Integer()
-    sha256 = fields.String()
-    url = fields.String(metadata={"description": "GET it (with the API key) for the original bytes"})
-
-
 class Screening(Schema):
     id = fields.UUID()
     patient_id = fields.UUID(attribute="patient_id")

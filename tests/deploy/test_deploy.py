@@ -7,6 +7,7 @@ runs when nginx is installed (Debian's `nginx-light`), and a structural parse al
 """
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -516,11 +517,18 @@ def test_api_image_healthcheck_and_command(api_df, api_routes):
     assert re.search(rf"^{attr} = ", wsgi.read_text(), re.M), f"{module} defines no {attr}"
 
 
-def test_api_image_installs_what_the_api_imports_and_no_torch():
+def test_api_image_installs_what_the_api_imports_and_no_torch(api_df):
     req = requirement_names(DEPLOY / "requirements-api.txt")
     assert not set(req) & MODEL_STACK, "the API image must not carry the model stack"
-    files = [p for p in (REPO / "control_api").rglob("*.py")] + [REPO / "gunicorn.conf.py"]
-    modules = third_party_imports(files, local={"control_api"})
+    files = [*(REPO / "control_api").rglob("*.py"), REPO / "gunicorn.conf.py"]
+    local = {"control_api", "handlers"}
+    modules = third_party_imports(files, local=local)
+    # Of handlers/, the API imports only the image limits (no torch), and the image copies them.
+    from_handlers = {f"{node.module}.{a.name}" for path in files for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("handlers")
+                     for a in node.names}
+    assert from_handlers == {"handlers.image_limits"}, from_handlers
+    assert copied_to(api_df, "handlers/image_limits.py") == "/app/handlers/image_limits.py"
     installed = installed_closure(req)
     assert not installed & MODEL_STACK, f"a requirement pulls in the model stack: {installed & MODEL_STACK}"
     missing = {m: d for m, d in distributions_for(modules).items() if not d & installed}
@@ -530,7 +538,8 @@ def test_api_image_installs_what_the_api_imports_and_no_torch():
 
 def test_serve_image_installs_what_the_handler_and_tools_import():
     req = requirement_names(DEPLOY / "requirements-serve.txt")
-    files = [*(REPO / "handlers").glob("*.py"), DEPLOY / "healthcheck.py", REPO / "scripts" / "serving" / "registry.py"]
+    files = [*(REPO / "handlers").glob("*.py"), DEPLOY / "healthcheck.py",
+             *(REPO / "scripts" / "serving" / name for name in ("management.py", "registry.py"))]
     local = {"handlers", "scripts"} | {p.stem for p in (REPO / "handlers").glob("*.py")}  # the .mar's flat copies
     modules = third_party_imports(files, local=local)
     installed = installed_closure(req)
@@ -600,6 +609,10 @@ def test_serve_image_healthcheck_asks_for_a_ready_worker(serve_df, default_setti
     cmd = healthcheck_command(serve_df)
     assert cmd[:2] == ["python", "/home/model-server/healthcheck.py"]
     assert copied_to(serve_df, "deploy/healthcheck.py") == "/home/model-server/healthcheck.py"
+    # It counts READY workers with the tools' management client: copied where PYTHONPATH finds it.
+    pythonpath = " ".join(i.args for i in serve_df.of("ENV", serve_df.final_stage)).split("PYTHONPATH=")[1].split()[0]
+    for module in ("scripts/__init__.py", "scripts/serving/__init__.py", "scripts/serving/management.py"):
+        assert copied_to(serve_df, module) == f"{pythonpath}/{module}"
     assert cmd[cmd.index("--model") + 1] == default_settings.torchserve_model_name
     assert urlsplit(cmd[-1]).port == ts_ports(container_ts_config())["management"]
     (entry,) = serve_df.of("ENTRYPOINT", serve_df.final_stage)

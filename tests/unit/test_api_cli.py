@@ -108,5 +108,5 @@ def test_migrate_reports_versions(api_settings, fake_torchserve):
 
     app = create_app(api_settings, torchserve=fake_torchserve)
     runner = app.test_cli_runner()
-    assert f"upgraded from version 0 to {migrations.LATEST}" in runner.invoke(args=["init-db"]).output
+    assert f"upgraded from version 0 to {migrations.LATEST}" in runner.invoke(args=["migrate"]).output
     assert f"up to date (version {migrations.LATEST})" in runner.invoke(args=["migrate"]).output
