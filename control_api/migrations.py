@@ -131,7 +131,29 @@ def upgrade_v1_to_v2(database) -> None:
         database.execute_sql(sql)
 
 
-STEPS = {1: create_v1, 2: upgrade_v1_to_v2}
+def upgrade_v2_to_v3(database) -> None:
+    """DICOM photographs: their UIDs, one row per screening that came as DICOM (issue 11)."""
+    v1 = _v1_models(database)
+
+    class DicomInstance(Model):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        screening = ForeignKeyField(v1["Screening"], backref="dicom", unique=True, on_delete="CASCADE")
+        sop_instance_uid = CharField(max_length=64, unique=True)
+        study_instance_uid = CharField(max_length=64, index=True)
+        sop_class_uid = CharField(max_length=64)
+        transfer_syntax = CharField(max_length=64)
+        source = CharField(max_length=16)
+        calling_ae_title = CharField(max_length=16, null=True)
+        created_at = DateTimeField(default=utcnow)
+
+        class Meta:
+            table_name = "dicom_instance"
+
+    DicomInstance.bind(database, bind_refs=False, bind_backrefs=False)
+    database.create_tables([DicomInstance])
+
+
+STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3}
 LATEST = max(STEPS)
 
 

@@ -125,6 +125,24 @@ class AuditEvent(BaseModel):
         table_name = "audit_event"
 
 
+class DicomInstance(BaseModel):
+    """A photograph that arrived as DICOM. The SOP Instance UID makes a second store of the same
+    image idempotent; the Study Instance UID groups a study's images. UIDs are never logged."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    screening = ForeignKeyField(Screening, backref="dicom", unique=True, on_delete="CASCADE")
+    sop_instance_uid = CharField(max_length=64, unique=True)
+    study_instance_uid = CharField(max_length=64, index=True)
+    sop_class_uid = CharField(max_length=64)
+    transfer_syntax = CharField(max_length=64)
+    source = CharField(max_length=16)  # "upload" (HTTP) or "receiver" (C-STORE)
+    calling_ae_title = CharField(max_length=16, null=True)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "dicom_instance"
+
+
 class SchemaVersion(BaseModel):
     id = AutoField()
     version = IntegerField()
@@ -134,4 +152,4 @@ class SchemaVersion(BaseModel):
         table_name = "schema_version"
 
 
-MODELS = (ApiKey, Patient, Screening, Grading, AuditEvent, SchemaVersion)
+MODELS = (ApiKey, Patient, Screening, Grading, AuditEvent, DicomInstance, SchemaVersion)
