@@ -211,6 +211,8 @@ def _jpeg_frame(ds, rows: int, columns: int, check_pixels: bool) -> bytes:
         frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
     except (StopIteration, ValueError, EOFError, OSError, struct.error):
         _fail(422, "dicom_truncated", "The encapsulated pixel data ends early (truncated).")
+    if frame.endswith(b"\xff\xd9\x00"):  # DICOM pads fragments to an even length
+        frame = frame[:-1]
     # The frame goes through the same header checks as an uploaded JPEG, so a frame whose own
     # size is a decompression bomb is refused before anything decodes it.
     try:
@@ -302,3 +304,41 @@ def _patient(ds) -> PatientHeader:
     return PatientHeader(_text(ds, "PatientID") or None, name or None, birth,
                          SEXES.get(_text(ds, "PatientSex").upper(), "unknown" if _text(ds, "PatientSex") else None),
                          _text(ds, "AccessionNumber") or None)
+
+
+@dataclass(frozen=True)
+class Photo:
+    """What an upload route records for one photograph, whether it came as DICOM or not."""
+    content_type: str
+    eye: str
+    captured_at: datetime | None
+    camera: str | None
+    dicom: DicomImage | None = field(default=None, repr=False)
+
+
+def is_dicom_upload(data: bytes, mimetype: str | None) -> bool:
+    return looks_like_dicom(data) or (mimetype or "").lower() == CONTENT_TYPE
+
+
+def photo_from_upload(data: bytes, mimetype: str | None, form: dict, patient) -> Photo:
+    """The photograph's eye, time and camera: from the DICOM header when it is DICOM (a form
+    `eye` must agree with it), from the form otherwise. `patient` is the patient of the URL; a
+    header PatientID that differs from the patient's record number is refused (wrong patient)."""
+    if not is_dicom_upload(data, mimetype):
+        info = images.inspect(data)
+        if not form.get("eye"):
+            _fail(422, "eye_required", "Say which eye the photograph shows: eye=left or eye=right.")
+        return Photo(info.content_type, form["eye"], form.get("captured_at"), form.get("camera"))
+    image = read(data)
+    if image.eye and form.get("eye") and form["eye"] != image.eye:
+        _fail(422, "eye_contradicts_header",
+              f"The form says eye={form['eye']} but the DICOM header's laterality says {image.eye}.")
+    eye = image.eye or form.get("eye")
+    if not eye:
+        _fail(422, "laterality_missing",
+              "The DICOM header has no ImageLaterality or Laterality (L or R); send eye=left or eye=right.")
+    mrn = getattr(patient, "mrn", None)
+    if mrn and image.patient.patient_id and image.patient.patient_id != mrn:
+        _fail(422, "patient_mismatch", "The DICOM header's PatientID is not this patient's record number.")
+    return Photo(CONTENT_TYPE, eye, form.get("captured_at") or image.captured_at,
+                 form.get("camera") or image.camera, image)

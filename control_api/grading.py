@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from . import metrics
+from . import dicom, metrics
 from .db import db
 from .models import Grading, Screening, utcnow
 from .torchserve import TorchServeClient
@@ -28,10 +28,20 @@ def release(screening: Screening) -> None:
     Screening.update(grading_started_at=None).where(Screening.id == screening.id).execute()
 
 
-def grade(client: TorchServeClient, screening: Screening, image: bytes, version: str | None = None) -> Grading:
-    """Run the model on `image` and store the grading. TorchServe's exceptions pass through
-    untouched, with nothing written."""
-    prediction = client.predict(image, screening.content_type, version)
+def model_input(screening: Screening, image: bytes) -> tuple[bytes, str]:
+    """What TorchServe reads for this photograph: the stored bytes, or for DICOM its JPEG frame or
+    a lossless PNG of its pixels (control_api/dicom.py says why the API does that step)."""
+    if screening.content_type == dicom.CONTENT_TYPE:
+        return dicom.read(image, check_pixels=False).model_input()
+    return image, screening.content_type
+
+
+def grade(client: TorchServeClient, screening: Screening, image: bytes, version: str | None = None,
+          prepared: tuple[bytes, str] | None = None) -> Grading:
+    """Run the model on `image` (the stored bytes; `prepared` when the caller already has the
+    model input) and store the grading. TorchServe's exceptions pass through untouched, with
+    nothing written."""
+    prediction = client.predict(*(prepared or model_input(screening, image)), version)
     model = prediction.get("model") or {}
     now = utcnow()
     with db.atomic():

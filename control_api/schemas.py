@@ -197,8 +197,11 @@ class ImageFile(Upload):
 
 
 class ScreeningUpload(Schema):
-    image = ImageFile(required=True, metadata={"description": "JPEG, PNG or TIFF, stored unchanged"})
-    eye = fields.String(required=True, validate=validate.OneOf(EYES))
+    image = ImageFile(required=True, metadata={"description": (
+        "JPEG, PNG, TIFF or DICOM Part 10 (Ophthalmic Photography 8 Bit, VL Photographic or "
+        "Secondary Capture colour; docs/api.md), stored unchanged")})
+    eye = fields.String(validate=validate.OneOf(EYES), metadata={"description": (
+        "required unless a DICOM header gives the laterality; must agree with it when both are given")})
     captured_at = UTCDateTime(validate=_not_future_time,
                               metadata={"description": "ISO-8601; without an offset it is taken as UTC"})
     camera = fields.String(validate=text(1, 200))
