@@ -374,6 +374,29 @@ class Gunicorn(Process):
         return pid
 
 
+class DicomReceiver(Process):
+    """The DICOM C-STORE receiver (`flask --app control_api dicom-receiver`) with the API's
+    environment; DICOM and health ports from free_port() unless the env names them."""
+
+    name = "dicom-receiver"
+
+    def __init__(self, workdir: Path, env: dict, *, port: int | None = None, health_port: int | None = None):
+        super().__init__(workdir, env)
+        self.port = port or int(self.env.get("DICOM_PORT") or free_port())
+        self.health_port = health_port or int(self.env.get("DICOM_HEALTH_PORT") or free_port())
+        self.ready_url = f"http://127.0.0.1:{self.health_port}/healthz"
+        self.metrics_url = f"http://127.0.0.1:{self.health_port}/metrics"
+        self.readyz_url = f"http://127.0.0.1:{self.health_port}/readyz"
+        self.env.update({"DICOM_HOST": "127.0.0.1", "DICOM_PORT": str(self.port),
+                         "DICOM_HEALTH_PORT": str(self.health_port), "PYTHONPATH": str(REPO)})
+        self.env.setdefault("DICOM_SPOOL_DIR", str(self.workdir / "spool"))
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "flask", "--app", "control_api", "dicom-receiver"]
+
+    cwd = REPO
+
+
 def flask_cli(env: dict, *args: str, timeout: float = 600, capture: bool = True) -> subprocess.CompletedProcess:
     """`flask --app control_api ARGS` from the repository root, with the API's environment `env`."""
     return subprocess.run([sys.executable, "-m", "flask", "--app", "control_api", *args], cwd=REPO,
