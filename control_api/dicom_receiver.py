@@ -409,9 +409,7 @@ class Receiver:
         ae.add_supported_context(Verification)
         for sop_class in dicom.SOP_CLASSES:
             ae.add_supported_context(sop_class, list(dicom.TRANSFER_SYNTAXES))
-        with self.app.app_context():
-            receiver_key()
-            db.close()
+        # No database work here: the receiver starts, and accepts stores, while the database is down.
         handlers = [(evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store),
                     (evt.EVT_ACCEPTED, self.on_association("accepted")),
                     (evt.EVT_REJECTED, self.on_association("rejected"))]

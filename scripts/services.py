@@ -7,6 +7,7 @@ and keeps its output in a log file under its work directory.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -395,6 +396,31 @@ class DicomReceiver(Process):
         return [sys.executable, "-m", "flask", "--app", "control_api", "dicom-receiver"]
 
     cwd = REPO
+
+
+class Orthanc(Process):
+    """Orthanc (Debian `orthanc`) as a clinic's PACS: REST and DICOM on loopback, no remote access.
+    `modalities` maps a name to (AE title, host, port) for `POST /modalities/{name}/store`."""
+
+    name = "orthanc"
+
+    def __init__(self, workdir: Path, *, ae_title: str = "ORTHANC", modalities: dict | None = None):
+        super().__init__(workdir)
+        self.http_port, self.dicom_port, self.ae_title = free_port(), free_port(), ae_title
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.ready_url = f"{self.url}/system"
+        self.config = {
+            "Name": "clarity-test-pacs", "HttpPort": self.http_port, "DicomPort": self.dicom_port,
+            "DicomAet": ae_title, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "StorageDirectory": str(self.workdir / "storage"), "IndexDirectory": str(self.workdir / "index"),
+            "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
+            "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [],
+        }
+
+    def command(self) -> list[str]:
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(self.config))
+        return [shutil.which("Orthanc") or "/usr/sbin/Orthanc", str(path)]
 
 
 def flask_cli(env: dict, *args: str, timeout: float = 600, capture: bool = True) -> subprocess.CompletedProcess:
