@@ -16,8 +16,10 @@ What a store goes through, and what the sender hears:
    directory) and only then answered Success (0x0000). If the spool cannot be written, the
    answer is 0xA700 (out of resources) and the sender keeps its copy and retries.
 4. The ingest thread takes spool files in arrival order: the patient by PatientID (the record
-   number; an unknown one is created from the header, see below), the object into storage, the
-   screening and dicom_instance rows and their audit rows in one transaction, the spool file
+   number; an unknown one is created from the header, see below), the exam of the study (one
+   exam per StudyInstanceUID, opened by its first image, with the header's AccessionNumber),
+   the object into storage, the screening and dicom_instance rows and their audit rows in one
+   transaction, the spool file
    removed, then grading. While the database or storage is down, files stay in the spool and are
    retried with backoff; /readyz says so. While TorchServe is down, screenings stay `pending`
    and this thread grades them when it answers again (as `flask grade-pending` would).
@@ -57,7 +59,8 @@ from . import dicom, metrics
 from .db import db
 from .errors import ApiError
 from .grading import claim, grade, release
-from .models import ApiKey, AuditEvent, DicomInstance, Patient, Screening, utcnow
+from .blueprints.screenings import study_exam
+from .models import ApiKey, AuditEvent, DicomInstance, Exam, Patient, Screening, utcnow
 from .storage import StorageError, get_storage, screening_key, sha256_hex
 from .torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client
 
@@ -169,8 +172,14 @@ def ingest(data: bytes, calling_ae: str | None, request_id: str) -> Ingested:
             patient, created = _patient(image.patient)
             if created:
                 audit(key, "patient.create", "patient", patient.id, patient.id, request_id)
+            exam = study_exam(image.study_instance_uid, patient)  # one exam per StudyInstanceUID
+            if exam is None:
+                exam = Exam.create(patient=patient, performed_at=image.captured_at or utcnow(),
+                                   accession_number=(image.patient.accession_number or "")[:64] or None,
+                                   created_by=key.id)
+                audit(key, "exam.create", "exam", exam.id, patient.id, request_id)
             screening = Screening.create(
-                id=screening_id, patient=patient, eye=image.eye, captured_at=image.captured_at, camera=image.camera,
+                id=screening_id, patient=patient, exam=exam, eye=image.eye, captured_at=image.captured_at, camera=image.camera,
                 image_key=screening_key(screening_id), image_size=len(data), image_sha256=sha256,
                 content_type=dicom.CONTENT_TYPE, status="pending", created_by=key.id)
             DicomInstance.create(

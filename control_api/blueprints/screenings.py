@@ -19,13 +19,14 @@ import uuid
 import peewee
 from flask import Response, current_app, g, redirect, request
 
-from .. import dicom, images, metrics, schemas
+from .. import dicom, explanation, images, metrics, schemas
 from ..audit import audited, target
 from ..auth import ADMIN, CLINICAL, require_role, roles
 from ..db import db
 from ..errors import RETRY_AFTER_SECONDS, ApiError
 from ..grading import grade, release
-from ..models import DicomInstance, Grading, Screening, utcnow
+from ..outcome import attach_latest
+from ..models import DicomInstance, Exam, Grading, Patient, Screening, utcnow
 from ..pagination import page
 from ..ratelimit import limiter, upload_limit
 from ..storage import get_storage, screening_key, sha256_hex
@@ -40,6 +41,9 @@ blp = Blueprint("screenings", __name__, url_prefix="/api/v1/patients/<uuid:patie
 
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/tiff": "tiff", dicom.CONTENT_TYPE: "dcm"}
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
+IDEMPOTENCY_HEADER = {"in": "header", "name": "Idempotency-Key", "required": False,
+                      "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+                      "description": "a retry with the same key returns the first result"}
 
 
 def get_screening(patient_id, screening_id) -> Screening:
@@ -62,6 +66,14 @@ def stored_instance(image: dicom.DicomImage, patient) -> Screening | None:
     return row.screening
 
 
+def study_exam(study_instance_uid: str, patient) -> Exam | None:
+    """The exam an earlier photograph of this DICOM study went to (one exam per study)."""
+    row = (DicomInstance.select(DicomInstance, Screening).join(Screening)
+           .where((DicomInstance.study_instance_uid == study_instance_uid) & (Screening.patient == patient.id))
+           .first())
+    return row.screening.exam if row else None
+
+
 def record_instance(screening: Screening, image: dicom.DicomImage, source: str, calling_ae: str | None = None):
     return DicomInstance.create(
         screening=screening, sop_instance_uid=image.sop_instance_uid, study_instance_uid=image.study_instance_uid,
@@ -73,7 +85,7 @@ def _location(s: Screening) -> str:
     return f"/api/v1/patients/{s.patient_id}/screenings/{s.id}"
 
 
-def _answer(screening: Screening, replayed: bool = False):
+def answer(screening: Screening, replayed: bool = False):
     headers = {"Location": _location(screening)}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -91,9 +103,14 @@ def _read_upload(upload) -> bytes:
     return data
 
 
-def _fingerprint(patient_id, photo: dicom.Photo, sha256: str) -> str:
+def _fingerprint(patient_id, photo: dicom.Photo, form: dict, sha256: str, exam_id) -> str:
     captured = photo.captured_at
     parts = [str(patient_id), photo.eye, captured.isoformat() if captured else None, photo.camera, sha256]
+    # Appended only when used, so uploads made before exams existed still replay.
+    if exam_id is not None:
+        parts += ["exam", str(exam_id)]
+    if form.get("field", "other") != "other":
+        parts += ["field", form["field"]]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -107,12 +124,15 @@ def _previous(idempotency_key: str, fingerprint: str) -> Screening | None:
     return earlier
 
 
-def _discard(screening: Screening) -> None:
-    """Remove a screening that must not stay (its upload failed after the row was written)."""
+def _discard(screening: Screening, new_exam: Exam | None) -> None:
+    """Remove a screening that must not stay (its upload failed after the row was written),
+    and the exam it opened, if it opened one."""
     with db.atomic():
         Grading.delete().where(Grading.screening == screening.id).execute()
         DicomInstance.delete().where(DicomInstance.screening == screening.id).execute()
         Screening.delete().where(Screening.id == screening.id).execute()
+        if new_exam is not None:
+            Exam.delete().where(Exam.id == new_exam.id).execute()
     _delete_object(screening.image_key)
 
 
@@ -123,35 +143,36 @@ def _delete_object(key: str) -> None:
         log.error("could not delete object", extra={"key": key, "error_type": type(exc).__name__})
 
 
-@blp.route("", methods=["POST"])
-@roles(*CLINICAL)
-@audited("screening.create", "screening")
-@limiter.limit(upload_limit)
-@blp.arguments(schemas.ScreeningUpload, location="multipart")
-@blp.response(201, schemas.Screening, description="Stored and graded (or found ungradable)")
-@blp.alt_response(202, schema=schemas.Screening, description="Stored; grading pending (Retry-After)")
-@blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "required": False,
-                      "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
-                      "description": "a retry with the same key returns the first result"}])
-def create_screening(form, patient_id):
-    patient = get_patient(patient_id)
+def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
+    """Store, record and grade one photograph: the one upload path of both upload routes.
+
+    `exam` None opens an exam of its own for it (in the same transaction as the row). Returns
+    (screening, replayed). Whatever fails, nothing half-written stays behind (module docstring).
+    """
     idempotency_key = request.headers.get("Idempotency-Key")
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
         raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters.")
     data = _read_upload(form["image"])
     photo = dicom.photo_from_upload(data, form["image"].mimetype, form, patient)
     sha256 = sha256_hex(data)
-    fingerprint = _fingerprint(patient.id, photo, sha256)
+    fingerprint = _fingerprint(patient.id, photo, form, sha256, exam.id if exam else None)
     if idempotency_key and (earlier := _previous(idempotency_key, fingerprint)):
         target(resource_id=earlier.id)
-        return _answer(earlier, replayed=True)
+        return earlier, True
     if photo.dicom and (earlier := stored_instance(photo.dicom, patient)):
         target(resource_id=earlier.id)
-        return _answer(earlier, replayed=True)
+        return earlier, True
+    if exam is None and photo.dicom:
+        exam = study_exam(photo.dicom.study_instance_uid, patient)  # one exam per DICOM study
 
+    new_exam = None
+    if exam is None:
+        new_exam = exam = Exam(id=uuid.uuid4(), patient=patient, performed_at=photo.captured_at or utcnow(),
+                               created_by=g.api_key.id)
     screening_id = uuid.uuid4()
     screening = Screening(
-        id=screening_id, patient=patient, eye=photo.eye, captured_at=photo.captured_at,
+        id=screening_id, patient=patient, exam=exam, eye=photo.eye, field=form.get("field") or "other",
+        captured_at=photo.captured_at,
         camera=photo.camera, image_key=screening_key(screening_id), image_size=len(data),
         image_sha256=sha256, content_type=photo.content_type, status="pending",
         created_by=g.api_key.id, idempotency_key=idempotency_key, request_fingerprint=fingerprint,
@@ -161,6 +182,8 @@ def create_screening(form, patient_id):
         storage.put(screening.image_key, data, content_type=photo.content_type, sha256=sha256)
     try:
         with db.atomic():
+            if new_exam is not None:
+                new_exam.save(force_insert=True)
             screening.save(force_insert=True)
             if photo.dicom:
                 record_instance(screening, photo.dicom, source="upload")
@@ -173,13 +196,14 @@ def create_screening(form, patient_id):
         if earlier is None:
             raise
         target(resource_id=earlier.id)
-        return _answer(earlier, replayed=True)
+        return earlier, True
     except BaseException:
         _delete_object(screening.image_key)
         raise
     target(resource_id=screening.id)
     log.info("screening stored", extra={"screening_id": str(screening.id), "patient_id": str(patient.id),
-                                        "bytes": len(data), "content_type": photo.content_type})
+                                        "exam_id": str(exam.id), "bytes": len(data),
+                                        "content_type": photo.content_type})
 
     try:
         grade(get_client(), screening, data, prepared=photo.dicom.model_input() if photo.dicom else None)
@@ -190,16 +214,44 @@ def create_screening(form, patient_id):
             if not photo.dicom:
                 images.verify_decodable(data, images.inspect(data))
         except ApiError:
-            _discard(screening)
+            _discard(screening, new_exam)
             raise
         release(screening)
         metrics.SCREENINGS.labels("pending").inc()
         log.warning("grading deferred", extra={"screening_id": str(screening.id), "reason": str(exc)})
     except ImageRejected as exc:
-        _discard(screening)
+        _discard(screening, new_exam)
         metrics.SCREENINGS.labels("rejected").inc()
         raise ApiError(422, exc.code, exc.message) from None
-    return _answer(screening)
+    return screening, False
+
+
+def _exam_in_form(patient: Patient, exam_id) -> Exam | None:
+    """The exam a photograph sent to the screenings route names, checked against the patient."""
+    if exam_id is None:
+        return None
+    exam = Exam.get_or_none(Exam.id == exam_id)
+    if exam is None:
+        raise ApiError(422, "exam_not_found", "No exam has the exam_id given.")
+    if exam.patient_id != patient.id:
+        raise ApiError(422, "exam_of_another_patient", "The exam_id given is an exam of another patient.")
+    return exam
+
+
+@blp.route("", methods=["POST"])
+@roles(*CLINICAL)
+@audited("screening.create", "screening")
+@limiter.limit(upload_limit)
+@blp.arguments(schemas.ScreeningUpload, location="multipart")
+@blp.response(201, schemas.Screening, description="Stored and graded (or found ungradable)")
+@blp.alt_response(202, schema=schemas.Screening, description="Stored; grading pending (Retry-After)")
+@blp.doc(parameters=[IDEMPOTENCY_HEADER])
+def create_screening(form, patient_id):
+    """Upload one photograph. Without `exam_id` it opens an exam of its own; the exams routes
+    (POST .../exams, then .../exams/{exam_id}/images) group a visit's photographs."""
+    patient = get_patient(patient_id)
+    exam = _exam_in_form(patient, form.get("exam_id"))
+    return answer(*upload_photograph(patient, form, exam))
 
 
 @blp.route("", methods=["GET"])
@@ -211,19 +263,8 @@ def list_screenings(args, patient_id):
     patient = get_patient(patient_id)
     rows, next_cursor = page(Screening.select().where(Screening.patient == patient),
                              (Screening.created_at, Screening.id), args.get("cursor"), args["limit"])
-    _attach_latest(rows)
+    attach_latest(rows)
     return {"items": rows, "next_cursor": next_cursor}
-
-
-def _attach_latest(screenings: list[Screening]) -> None:
-    """The latest grading of a whole page in one query, instead of one query per row."""
-    latest = {}
-    if screenings:
-        query = Grading.select().where(Grading.screening.in_([s.id for s in screenings]))
-        for grading in query.order_by(Grading.created_at, Grading.id):
-            latest[grading.screening_id] = grading
-    for s in screenings:
-        s._latest = latest.get(s.id)
 
 
 @blp.route("/<uuid:screening_id>", methods=["GET"])
@@ -251,6 +292,22 @@ def read_image(patient_id, screening_id):
     return Response(data, mimetype=screening.content_type, headers={
         "Content-Disposition": f'inline; filename="{screening.id}.{extension}"',
         "X-Content-SHA256": screening.image_sha256})
+
+
+@blp.route("/<uuid:screening_id>/explanation", methods=["GET"])
+@roles(*CLINICAL)
+@audited("screening.explanation.read", "screening")
+@blp.response(200, content_type="image/png", description="Grad-CAM overlay on the photograph, with a colour scale")
+@blp.alt_response(409, schema=schemas.Error, description="Not graded yet, or its model version is gone")
+@blp.alt_response(422, schema=schemas.Error, description="Ungradable: nothing to explain")
+@blp.alt_response(503, schema=schemas.Error, description="The model server is unavailable (Retry-After)")
+def read_explanation(patient_id, screening_id):
+    """Where the model looked for the grade of this photograph: the whole photograph (longer
+    side at most 1024 px, its own aspect) with the Grad-CAM map of the grading's model version
+    over the retina, and a low-to-high colour scale under it."""
+    png = explanation.for_screening(get_screening(patient_id, screening_id))
+    return Response(png, mimetype="image/png",
+                    headers={"Content-Disposition": f'inline; filename="{screening_id}-gradcam.png"'})
 
 
 @blp.route("/<uuid:screening_id>/grade", methods=["POST"])
