@@ -16,7 +16,7 @@ from pydicom import uid as uids
 
 from control_api.db import database_for
 from control_api.models import MODELS, DicomInstance, Patient, Screening
-from scripts.services import DicomReceiver, Orthanc, PostgresDatabase, flask_cli, free_port
+from scripts.serving.processes import DicomReceiver, Orthanc, PostgresDatabase, flask_cli, free_port
 from tests.plugins.dicom import PHI_VALUES, bad_dicom, op_file, small_jpeg
 
 pytestmark = pytest.mark.integration

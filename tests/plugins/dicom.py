@@ -18,7 +18,7 @@ from pydicom import uid as uids
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 
-from tests.images import encode, fundus_like
+from tests.support.images import encode, fundus_like
 
 # PHI-shaped values no log may contain (tests grep for them).
 PATIENT_ID = "MRN-DCM-4711"

@@ -8,7 +8,7 @@ import pytest
 from control_api import migrations
 from control_api.db import database_for
 from control_api.models import MODELS, DicomInstance, Screening
-from tests.test_api_migrations import check_schema_matches_models, fill_v1
+from tests.support.migrations import check_schema_matches_models, fill_v1
 
 
 def check_step4(database):
