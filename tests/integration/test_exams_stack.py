@@ -20,8 +20,8 @@ import requests
 from PIL import Image
 
 from control_api import codes, fhir
-from tests.images import blurred, darkened, encode, fundus_like
-from tests.plugins.stack import PHI_MRN, PHI_NAME, new_patient
+from tests.support.images import blurred, darkened, encode, fundus_like
+from tests.support.harness import PHI_MRN, PHI_NAME, new_patient
 
 pytestmark = pytest.mark.integration
 
