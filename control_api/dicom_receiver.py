@@ -27,6 +27,11 @@ What a store goes through, and what the sender hears:
    leaves the spool only after the database holds it.
 A second store of the same SOP Instance UID is answered Success and changes nothing.
 
+When an exam of a received study is graded (both eyes, nothing pending) and
+DICOM_REPORT_DESTINATION is set, its PDF report goes back to the PACS as Encapsulated PDF in the
+same study (control_api/dicom_report.py), retried on later sweeps until sent; the exam JSON
+shows `dicom_report`.
+
 Unknown PatientID: the patient is created from the header (name, birth date, sex, record
 number). A camera's worklist gives the PatientID the clinic's system uses, so a new one is a
 new patient, not a guess; an existing patient is matched on the record number only and never
@@ -55,12 +60,12 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from . import dicom, metrics
+from . import dicom, dicom_report, metrics, outcome, report
 from .db import db
 from .errors import ApiError
 from .grading import claim, grade, release
 from .blueprints.screenings import study_exam
-from .models import ApiKey, AuditEvent, DicomInstance, Exam, Patient, Screening, utcnow
+from .models import ApiKey, AuditEvent, DicomInstance, DicomReport, Exam, Patient, Screening, utcnow
 from .storage import StorageError, get_storage, screening_key, sha256_hex
 from .torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client
 
@@ -73,9 +78,11 @@ STORES = Counter("clarity_dicom_stores_total", "C-STORE requests by outcome (sto
 ECHOES = Counter("clarity_dicom_echoes_total", "C-ECHO requests answered")
 INGESTED = Counter("clarity_dicom_ingested_total", "Spooled files moved into the database, by outcome",
                    ["outcome"])
-SPOOL_BACKLOG = Gauge("clarity_dicom_spool_backlog", "Files received and not yet in the database")
+SPOOL_BACKLOG = Gauge("clarity_dicom_spool_backlog", "Files received and not yet in the database",
+                      multiprocess_mode="livemax")
 STORE_TO_GRADED = Histogram("clarity_dicom_store_to_graded_seconds", "From C-STORE success to a graded screening",
                             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600))
+REPORTS = Counter("clarity_dicom_reports_total", "Exam reports sent to the PACS, by outcome", ["outcome"])
 OUT_OF_RESOURCES = 0xA700
 RETRY_SECONDS = (1, 2, 5, 10, 30)
 
@@ -235,6 +242,26 @@ def grade_screening(screening: Screening, request_id: str) -> str:
     return screening.status
 
 
+def send_report(exam, request_id: str) -> str | None:
+    """The exam's report to the PACS when the exam is graded (control_api/dicom_report.py)."""
+    from flask import current_app
+
+    settings = current_app.extensions["clarity"]["settings"]
+    destination = dicom_report.parse_destination(settings.dicom_report_destination)
+    if destination is None:
+        return None
+    key = receiver_key()
+
+    def audited(row):
+        audit(key, "exam.report.send", "exam", exam.id, exam.patient_id, request_id)
+
+    row = dicom_report.deliver(outcome.evaluate(exam), destination, settings.dicom_ae_title,
+                               lambda result: report.render(exam.patient, result), on_sent=audited)
+    if row is not None:
+        REPORTS.labels(row.status).inc()
+    return row.status if row else None
+
+
 # --------------------------------------------------------------------------- the process
 
 class _ReceiverAE(AE):
@@ -357,6 +384,8 @@ class Receiver:
                 STORE_TO_GRADED.observe(time.time() - meta["received"])
             log.info("received photograph graded" if status != "pending" else "grading deferred",
                      extra={"screening_id": str(result.screening.id), "status": status})
+            if status != "pending":
+                send_report(Screening.get_by_id(result.screening.id).exam, request_id)
 
     def _grade_pending(self) -> None:
         """Screenings the receiver stored while TorchServe was down."""
@@ -366,6 +395,12 @@ class Receiver:
         for row in pending:
             if grade_screening(row, f"dicom-regrade-{row.id}") == "pending":
                 return  # still down; try again on the next sweep
+            send_report(Screening.get_by_id(row.id).exam, f"dicom-regrade-{row.id}")
+        # Reports that could not be delivered yet.
+        retry = DicomReport.select().where((DicomReport.status != "sent")
+                                           & (DicomReport.attempts < dicom_report.MAX_ATTEMPTS)).limit(20)
+        for row in retry:
+            send_report(row.exam, f"dicom-report-{row.id}")
 
     def _write_refusals(self) -> None:
         key = None

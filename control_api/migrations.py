@@ -183,7 +183,8 @@ def upgrade_v2_to_v3(database) -> None:
 
 
 def upgrade_v3_to_v4(database) -> None:
-    """DICOM photographs: their UIDs, one row per screening that came as DICOM (issue 11)."""
+    """DICOM (issue 11): the UIDs of photographs that came as DICOM, and the state of each exam's
+    report sent back to the PACS as Encapsulated PDF."""
     v1 = _v1_models(database)
 
     class DicomInstance(Model):
@@ -200,8 +201,23 @@ def upgrade_v3_to_v4(database) -> None:
         class Meta:
             table_name = "dicom_instance"
 
-    DicomInstance.bind(database, bind_refs=False, bind_backrefs=False)
-    database.create_tables([DicomInstance])
+    exam_model = _v3_exam_model(database, v1)
+
+    class DicomReport(Model):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        exam = ForeignKeyField(exam_model, backref="dicom_reports", unique=True, on_delete="CASCADE")
+        status = CharField(max_length=16)
+        attempts = IntegerField(default=0)
+        images_fingerprint = CharField(max_length=64)
+        last_error = CharField(max_length=64, null=True)
+        sent_at = DateTimeField(null=True)
+        updated_at = DateTimeField(default=utcnow)
+
+        class Meta:
+            table_name = "dicom_report"
+
+    database.bind([DicomInstance, DicomReport], bind_refs=False, bind_backrefs=False)
+    database.create_tables([DicomInstance, DicomReport])
 
 
 STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3, 4: upgrade_v3_to_v4}

@@ -162,6 +162,22 @@ class DicomInstance(BaseModel):
         table_name = "dicom_instance"
 
 
+class DicomReport(BaseModel):
+    """The exam's report sent to the PACS as Encapsulated PDF (control_api/dicom_report.py)."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    exam = ForeignKeyField(Exam, backref="dicom_reports", unique=True, on_delete="CASCADE")
+    status = CharField(max_length=16)  # pending, sent, failed
+    attempts = IntegerField(default=0)
+    images_fingerprint = CharField(max_length=64)  # which gradings the last report showed
+    last_error = CharField(max_length=64, null=True)
+    sent_at = DateTimeField(null=True)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "dicom_report"
+
+
 class SchemaVersion(BaseModel):
     id = AutoField()
     version = IntegerField()
@@ -171,4 +187,4 @@ class SchemaVersion(BaseModel):
         table_name = "schema_version"
 
 
-MODELS = (ApiKey, Patient, Exam, Screening, Grading, AuditEvent, DicomInstance, SchemaVersion)
+MODELS = (ApiKey, Patient, Exam, Screening, Grading, AuditEvent, DicomInstance, DicomReport, SchemaVersion)

@@ -122,4 +122,11 @@ def as_json(result: ExamResult) -> dict:
             "accession_number": exam.accession_number, "created_at": exam.created_at,
             "outcome": result.outcome, "message": result.message,
             "eyes": {eye: e.to_dict() for eye, e in result.eyes.items()},
-            "images": result.images, "model": result.model, "disclaimer": result.disclaimer}
+            "images": result.images, "model": result.model, "disclaimer": result.disclaimer,
+            "dicom_report": dicom_report_state(exam)}
+
+
+def dicom_report_state(exam) -> dict | None:
+    from .dicom_report import state  # noqa: PLC0415 - pydicom only when an exam is shown
+
+    return state(exam)

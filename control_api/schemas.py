@@ -275,6 +275,13 @@ class EyeResult(Schema):
         "description": "why its ungradable photographs failed the quality gate"})
 
 
+class DicomReportState(Schema):
+    status = fields.String(validate=validate.OneOf(("pending", "sent", "failed")))
+    attempts = fields.Integer()
+    sent_at = UTCDateTime(allow_none=True)
+    last_error = fields.String(allow_none=True)
+
+
 class Exam(Schema):
     id = fields.UUID()
     patient_id = fields.UUID()
@@ -287,6 +294,8 @@ class Exam(Schema):
     images = fields.List(fields.Nested(Screening), metadata={"description": "its photographs, oldest first"})
     model = fields.Nested(ModelRef, allow_none=True)
     disclaimer = fields.String(allow_none=True)
+    dicom_report = fields.Nested(DicomReportState, allow_none=True, metadata={
+        "description": "the report sent to the PACS as DICOM Encapsulated PDF; null when none (README DICOM)"})
 
 
 class ExamPage(Schema):

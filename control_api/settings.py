@@ -57,6 +57,8 @@ class Settings:
                                              "comma-separated calling AE titles; empty refuses all")
     dicom_spool_dir: str = setting("DICOM_SPOOL_DIR", "var/dicom-spool", "received files not yet ingested")
     dicom_health_port: int = setting("DICOM_HEALTH_PORT", 11113, "receiver's /healthz, /readyz, /metrics")
+    dicom_report_destination: str = setting("DICOM_REPORT_DESTINATION", "",
+                                            "AE@host:port that gets exam reports as Encapsulated PDF; empty: none")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -82,6 +84,13 @@ class Settings:
             object.__setattr__(self, "cors_origins", _origins(self.cors_origins))
         if isinstance(self.dicom_allowed_ae_titles, str):
             object.__setattr__(self, "dicom_allowed_ae_titles", _origins(self.dicom_allowed_ae_titles))
+        if self.dicom_report_destination:
+            from .dicom_report import parse_destination  # noqa: PLC0415 - avoids pydicom for every import
+
+            try:
+                parse_destination(self.dicom_report_destination)
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
         if not 1 <= len(self.dicom_ae_title.strip()) <= 16:
             raise SettingsError("DICOM_AE_TITLE must be 1-16 characters")
 

@@ -5,17 +5,19 @@ The receiver and Orthanc start once for the module. The durability test runs rec
 own against a database and a TorchServe that are down."""
 from __future__ import annotations
 
+import io
 import subprocess
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
 from pynetdicom import AE, _config as pynetdicom_config
 from pydicom import uid as uids
 
 from control_api.db import database_for
-from control_api.models import MODELS, DicomInstance, Patient, Screening
+from control_api.models import MODELS, DicomInstance, DicomReport, Patient, Screening
 from scripts.serving.processes import DicomReceiver, Orthanc, PostgresDatabase, flask_cli, free_port
 from tests.plugins.dicom import PHI_VALUES, bad_dicom, op_file, small_jpeg
 
@@ -49,22 +51,34 @@ def rx_env(tmp_path_factory, database, torchserve):
 
 
 @pytest.fixture(scope="module")
-def receiver(rx_env):
+def peers(rx_env, tmp_path_factory):
+    """The receiver, and Orthanc as the PACS: it forwards studies to the receiver (modality
+    `clarity`) and is the receiver's DICOM_REPORT_DESTINATION."""
     root, env = rx_env
-    server = DicomReceiver(root / "receiver", env)
-    server.start(timeout=60)
-    yield server
-    server.stop()
-    assert_no_phi(server.log_path)
+    rx_port = free_port()
+    orthanc = Orthanc(tmp_path_factory.mktemp("orthanc"), modalities={"clarity": ("CLARITY", "127.0.0.1", rx_port)})
+    receiver = DicomReceiver(root / "receiver", {
+        **env, "DICOM_REPORT_DESTINATION": f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}"}, port=rx_port)
+    orthanc.start(timeout=60)
+    try:
+        receiver.start(timeout=60)
+    except BaseException:
+        orthanc.stop()
+        raise
+    yield receiver, orthanc
+    receiver.stop()
+    orthanc.stop()
+    assert_no_phi(receiver.log_path)
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory, receiver):
-    server = Orthanc(tmp_path_factory.mktemp("orthanc"),
-                     modalities={"clarity": ("CLARITY", "127.0.0.1", receiver.port)})
-    server.start(timeout=60)
-    yield server
-    server.stop()
+def receiver(peers):
+    return peers[0]
+
+
+@pytest.fixture(scope="module")
+def orthanc(peers):
+    return peers[1]
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +214,25 @@ def test_orthanc_forwards_a_study_and_both_eyes_are_graded_in_one_study(orthanc,
     instances = rows(lambda: list(DicomInstance.select().where(DicomInstance.screening.in_([s.id for s in screenings]))))
     assert {i.study_instance_uid for i in instances} == {study}
     assert {i.calling_ae_title for i in instances} == {"ORTHANC"}
+
+    # The graded exam's report comes back to Orthanc as Encapsulated PDF in the same study.
+    exam_id = screenings[0].exam_id
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = rows(lambda: DicomReport.get_or_none(DicomReport.exam == exam_id))
+        if state is not None and state.status == "sent":
+            break
+        time.sleep(0.5)
+    assert state is not None and state.status == "sent", state and state.last_error
+    pdfs = []
+    for instance in requests.get(f"{orthanc.url}/studies/{study_id}/instances", timeout=10).json():
+        tags = requests.get(f"{orthanc.url}/instances/{instance['ID']}/simplified-tags", timeout=10).json()
+        if tags.get("SOPClassUID") == uids.EncapsulatedPDFStorage:
+            pdfs.append(requests.get(f"{orthanc.url}/instances/{instance['ID']}/file", timeout=10).content)
+    assert len(pdfs) == 1
+    ds = pydicom.dcmread(io.BytesIO(pdfs[0]))
+    assert ds.StudyInstanceUID == study and ds.PatientID == "MRN-ORTHANC-1" and ds.Modality == "DOC"
+    assert ds.EncapsulatedDocument.startswith(b"%PDF") and ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
 
 
 def test_a_store_answered_success_survives_database_and_torchserve_outages(rx_env, rows, tmp_path, torchserve):

@@ -134,3 +134,36 @@ def test_dicom_read_errors_name_their_code():
             dicom.read(data)
         assert caught.value.code == code
         assert dicom.DICOM_STATUS[code] >= 0x0100  # every refusal has a C-STORE failure status
+
+
+def test_exam_route_takes_dicom_and_the_report_and_explanation_draw_it(app, client, clinician, patient):
+    """A visit sent as DICOM: the eyes come from the headers, and the PDF report and the Grad-CAM
+    overlay are drawn from the frame the model read, not from the DICOM file."""
+    pid = patient["id"]
+    exam = client.post(f"/api/v1/patients/{pid}/exams", headers=clinician, json={}).json
+    study = uids.generate_uid()
+    for laterality, seed in (("L", 11), ("R", 12)):
+        data = op_file(small_jpeg(seed), laterality=laterality, patient_id=MRN, study_uid=study)
+        fields = {"image": (io.BytesIO(data), "im.dcm", "application/dicom"), "field": "macula"}
+        response = client.post(f"/api/v1/patients/{pid}/exams/{exam['id']}/images", headers=clinician,
+                               data=fields, content_type="multipart/form-data")
+        assert response.status_code == 201, response.json
+    body = client.get(f"/api/v1/patients/{pid}/exams/{exam['id']}", headers=clinician).json
+    assert sorted(i["eye"] for i in body["images"]) == ["left", "right"]
+    assert body["outcome"] == "rescreen_12_months"
+    explanation = client.get(f"/api/v1/patients/{pid}/screenings/{body['images'][0]['id']}/explanation",
+                             headers=clinician)
+    assert explanation.status_code == 200 and explanation.mimetype == "image/png"
+    report = client.get(f"/api/v1/patients/{pid}/exams/{exam['id']}/report", headers=clinician)
+    assert report.status_code == 200 and report.data.startswith(b"%PDF")
+
+
+def test_screenings_without_exam_id_group_one_study_into_one_exam(client, clinician, patient):
+    study = uids.generate_uid()
+    exams = set()
+    for laterality, seed in (("L", 13), ("R", 14)):
+        response = send(client, clinician, patient["id"],
+                        op_file(small_jpeg(seed), laterality=laterality, patient_id=MRN, study_uid=study))
+        assert response.status_code == 201
+        exams.add(response.json["exam_id"])
+    assert len(exams) == 1
