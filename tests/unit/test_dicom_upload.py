@@ -167,3 +167,25 @@ def test_screenings_without_exam_id_group_one_study_into_one_exam(client, clinic
         assert response.status_code == 201
         exams.add(response.json["exam_id"])
     assert len(exams) == 1
+
+
+def test_encapsulated_pdf_report_is_a_readable_part10_object_of_the_study(app, client, clinician, patient):
+    import pydicom
+
+    from control_api import dicom_report
+    from control_api.models import Exam
+
+    send(client, clinician, patient["id"], op_file(small_jpeg(15), patient_id=MRN))
+    with app.app_context():
+        exam = Exam.get()
+        data = dicom_report.encapsulated_pdf(b"%PDF-1.4 test", exam, "1.2.3.4", "CLARITY")
+        assert dicom_report.state(exam) is None
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.SOPClassUID == uids.EncapsulatedPDFStorage and ds.StudyInstanceUID == "1.2.3.4"
+    assert ds.EncapsulatedDocument.startswith(b"%PDF") and ds.PatientID == MRN
+    assert ds.PatientName.family_name == "Testpatient"  # "Ada Testpatient" -> Testpatient^Ada
+    assert dicom_report.parse_destination("PACS@10.0.0.5:104") == ("PACS", "10.0.0.5", 104)
+    with pytest.raises(ValueError):
+        dicom_report.parse_destination("10.0.0.5:104")
+    exam_json = client.get(f"/api/v1/patients/{patient['id']}/exams/{exam.id}", headers=clinician).json
+    assert exam_json["dicom_report"] is None
