@@ -1,4 +1,4 @@
-"""Schema step 4 (dicom_instance) on a filled database, SQLite here and PostgreSQL in integration."""
+"""Schema step 5 (dicom_instance, dicom_report) on a filled database, SQLite here and PostgreSQL in integration."""
 import uuid
 from datetime import datetime
 
@@ -11,10 +11,10 @@ from control_api.models import MODELS, DicomInstance, Screening
 from tests.support.migrations import check_schema_matches_models, fill_v1
 
 
-def check_step4(database):
-    migrations.migrate(database, target=2)
+def check_step5(database):
+    migrations.migrate(database, target=1)
     ids = fill_v1(database)
-    assert 4 in migrations.migrate(database)  # step 4: dicom_instance
+    assert 5 in migrations.migrate(database)  # step 5: dicom_instance, dicom_report
     with database.bind_ctx(MODELS):
         screening = Screening.get_by_id(ids["screening"])
         assert screening.status == "graded" and screening.captured_at == datetime(2020, 1, 1, 8, 0)
@@ -29,14 +29,14 @@ def check_step4(database):
     check_schema_matches_models(database)
 
 
-def test_sqlite_step4_keeps_rows(tmp_path):
-    check_step4(database_for(f"sqlite:///{tmp_path / 'v2.db'}"))
+def test_sqlite_step5_keeps_rows(tmp_path):
+    check_step5(database_for(f"sqlite:///{tmp_path / 'v2.db'}"))
 
 
 @pytest.mark.integration
-def test_postgres_step4_keeps_rows(fresh_pg_url):
+def test_postgres_step5_keeps_rows(fresh_pg_url):
     database = database_for(fresh_pg_url)
     try:
-        check_step4(database)
+        check_step5(database)
     finally:
         database.close_all()
