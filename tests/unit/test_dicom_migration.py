@@ -7,7 +7,7 @@ import pytest
 
 from control_api import migrations
 from control_api.db import database_for
-from control_api.models import MODELS, DicomInstance, Screening
+from control_api.models import MODELS, DicomInstance, DicomReport, Screening
 from tests.support.migrations import check_schema_matches_models, fill_v1
 
 
@@ -26,6 +26,8 @@ def check_step5(database):
         with pytest.raises(peewee.IntegrityError), database.atomic():
             DicomInstance.create(id=uuid.uuid4(), screening=screening, sop_instance_uid="1.2.3.4",
                                  study_instance_uid="1.2.3", sop_class_uid="x", transfer_syntax="y", source="upload")
+        report = DicomReport.create(exam=screening.exam_id, status="sent", attempts=1, images_fingerprint="f" * 64)
+        assert screening.exam.dicom_reports.get().id == report.id
     check_schema_matches_models(database)
 
 
