@@ -266,3 +266,33 @@ def test_a_store_answered_success_survives_database_and_torchserve_outages(rx_en
         (screening,) = wait_screenings(rows, "MRN-DOWN-1", 1)
         assert requests.get(rx.readyz_url, timeout=5).status_code == 200
     assert_no_phi(*logs)
+
+
+def test_op_file_uploaded_over_http_is_a_graded_exam_with_the_header_eye(rx_env, tmp_path):
+    """The same kind of file through the real API (gunicorn, TorchServe, PostgreSQL): the eye,
+    time and camera come from the header, and no header value reaches the API's log."""
+    from scripts.serving.processes import Gunicorn
+
+    root, env = rx_env
+    token = flask_cli(env, "keys", "create", "--role", "clinician").stdout.strip()
+    headers = {"Authorization": f"Bearer {token}"}
+    with Gunicorn(tmp_path / "api", {**env, "UPLOAD_RATE_LIMIT": "1000/minute"}, workers=1) as api:
+        patient = requests.post(f"{api.url}/api/v1/patients", headers=headers, timeout=30, json={
+            "name": "Dicomina Testpatient", "medical_record_number": "MRN-RX-HTTP"}).json()
+        exam = requests.post(f"{api.url}/api/v1/patients/{patient['id']}/exams", headers=headers, json={},
+                             timeout=30).json()
+        data = op_file(sample_jpeg("idrid_23.jpg"), laterality="L", patient_id="MRN-RX-HTTP")
+        response = requests.post(f"{api.url}/api/v1/patients/{patient['id']}/exams/{exam['id']}/images",
+                                 headers=headers, files={"image": ("im.dcm", data, "application/dicom")},
+                                 data={"field": "macula"}, timeout=120)
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["eye"] == "left" and body["status"] in ("graded", "ungradable")
+        assert body["camera"] == "Topcon TRC-NW400" and body["captured_at"] == "2026-03-15T10:11:12Z"
+        bad = requests.post(f"{api.url}/api/v1/patients/{patient['id']}/exams/{exam['id']}/images",
+                            headers=headers, files={"image": ("im.dcm", data, "application/dicom")},
+                            data={"eye": "right"}, timeout=60)
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "eye_contradicts_header"
+        image = requests.get(f"{api.url}{body['image']['url']}", headers=headers, timeout=30)
+        assert image.content == data and image.headers["Content-Type"] == "application/dicom"
+    assert_no_phi(api.log_path)
