@@ -21,6 +21,7 @@ UIDs), never a value that identifies a patient.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ from . import images
 from .errors import ApiError
 
 CONTENT_TYPE = "application/dicom"
+
+# pydicom logs (and warns) about malformed elements, and such messages can quote an element's
+# value: a patient's name or ID must not reach the logs that way. Only its errors pass.
+logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 # Colour photographs the model can grade. OP 8 bit is what fundus cameras write; VL Photographic
 # and Secondary Capture are what some sites' cameras and capture stations write instead.

@@ -513,10 +513,9 @@ def _health_handler(receiver: Receiver):
 
 
 def quiet_libraries() -> None:
-    # pynetdicom at DEBUG prints whole data sets (names, PatientID); pydicom's warnings can quote
-    # element values. Neither is allowed in the logs.
+    # pynetdicom at DEBUG prints whole data sets (names, PatientID); not allowed in the logs.
+    # (control_api/dicom.py quiets pydicom the same way.)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def run(app) -> None:
