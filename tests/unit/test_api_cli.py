@@ -4,6 +4,7 @@ import os
 import time
 from datetime import timedelta
 
+from control_api import migrations
 from control_api.models import Grading, Screening, utcnow
 from tests.plugins.api import image_bytes, upload
 
