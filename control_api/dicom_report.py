@@ -173,7 +173,10 @@ def deliver(result, destination, our_ae: str, render, on_sent=None) -> DicomRepo
 
 def state(exam: Exam) -> dict | None:
     """`dicom_report` in the exam JSON: null unless a report was (or is being) sent to the PACS."""
-    row = DicomReport.get_or_none(DicomReport.exam == exam.id)
+    if "_dicom_report_row" in exam.__dict__:  # a listed page: attached in one query (outcome.py)
+        row = exam.__dict__["_dicom_report_row"]
+    else:
+        row = DicomReport.get_or_none(DicomReport.exam == exam.id)
     if row is None:
         return None
     return {"status": row.status, "attempts": row.attempts, "sent_at": row.sent_at, "last_error": row.last_error}

@@ -109,6 +109,7 @@ def evaluate_many(exams: list[Exam]) -> list[ExamResult]:
     images = list(Screening.select().where(Screening.exam.in_([e.id for e in exams]))
                   .order_by(Screening.created_at, Screening.id)) if exams else []
     attach_latest(images)
+    attach_dicom_reports(exams)
     by_exam: dict = {e.id: [] for e in exams}
     for s in images:
         by_exam[s.exam_id].append(s)
@@ -143,3 +144,13 @@ def dicom_report_state(exam) -> dict | None:
     from .dicom_report import state  # noqa: PLC0415 - pydicom only when an exam is shown
 
     return state(exam)
+
+
+def attach_dicom_reports(exams: list[Exam]) -> None:
+    """The PACS report state of a page of exams in one query (control_api/dicom_report.py)."""
+    from .models import DicomReport  # noqa: PLC0415
+
+    rows = {r.exam_id: r for r in DicomReport.select().where(DicomReport.exam.in_([e.id for e in exams]))} \
+        if exams else {}
+    for exam in exams:
+        exam._dicom_report_row = rows.get(exam.id)
