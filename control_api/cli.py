@@ -153,6 +153,18 @@ def reconcile(apply_, grace_minutes):
     click.echo(f"{len(orphan_objects)} objects without rows, {len(orphan_rows)} rows without objects {verb}")
 
 
+@click.command("dicom-receiver")
+@with_appcontext
+def dicom_receiver():
+    """Run the DICOM C-STORE receiver (control_api/dicom_receiver.py) until SIGTERM."""
+    from flask import current_app
+
+    from . import dicom_receiver as receiver
+
+    receiver.run(current_app._get_current_object())
+
+
 def register(app) -> None:
-    for command in (migrate_command, keys, grade_pending_command, grade_worker, check_storage, reconcile):
+    for command in (migrate_command, keys, grade_pending_command, grade_worker, check_storage, reconcile,
+                    dicom_receiver):
         app.cli.add_command(command)

@@ -327,7 +327,8 @@ def test_alert_rules_pass_promtool_and_their_unit_tests():
 def test_prometheus_scrapes_both_metrics_endpoints_where_they_are(compose, default_settings, api_routes):
     prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
-    expected = {"api": ("api", default_settings.port), "torchserve": ("torchserve", ts_ports(container_ts_config())["metrics"])}
+    expected = {"api": ("api", default_settings.port), "torchserve": ("torchserve", ts_ports(container_ts_config())["metrics"]),
+                "dicom": ("dicom", default_settings.dicom_health_port)}
     assert set(jobs) == set(expected)
     assert "/metrics" in api_routes
     for job, (service, port) in expected.items():
@@ -345,11 +346,16 @@ def test_prometheus_scrapes_both_metrics_endpoints_where_they_are(compose, defau
 def test_compose_has_the_stack_and_publishes_only_the_api(compose, default_settings):
     services = compose["services"]
     assert {"api", "torchserve", "postgres", "s3", "prometheus"} <= set(services)
-    assert [name for name, s in services.items() if s.get("ports")] == ["api"]
+    assert [name for name, s in services.items() if s.get("ports")] == ["api", "dicom"]
     (mapping,) = services["api"]["ports"]
     host_ip, _, container_port = mapping.split(":")
     assert host_ip == "127.0.0.1", "by default the API is published on loopback only"
     assert int(container_port) == default_settings.port == int(services["api"]["environment"]["PORT"])
+    # The DICOM receiver: cameras and PACS must reach it; loopback unless DICOM_PUBLISH says otherwise.
+    (mapping,) = services["dicom"]["ports"]
+    host_ip, _, container_port = mapping.split(":")
+    assert host_ip == "127.0.0.1", "by default the receiver is published on loopback only"
+    assert int(container_port) == default_settings.dicom_port == int(services["dicom"]["environment"]["DICOM_PORT"])
 
 
 def test_compose_ports_match_torchserve_config_and_api_settings(compose, serve_df, api_df, default_settings):
@@ -365,7 +371,7 @@ def test_compose_ports_match_torchserve_config_and_api_settings(compose, serve_d
 
 
 def test_compose_api_environment_is_read_by_the_code(compose, settings_module):
-    for name in ("api", "migrate"):
+    for name in ("api", "migrate", "dicom"):
         env = compose["services"][name]["environment"]
         unknown = set(env) - set(settings_module.ENV_VARS) - BOTO3_CREDENTIALS
         assert not unknown, f"{name}: the API reads no such settings: {sorted(unknown)}"
