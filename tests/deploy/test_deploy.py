@@ -625,6 +625,21 @@ def _one(conf, name: str):
     return found[0].args
 
 
+def test_compose_tmp_holds_the_uploads_in_flight(default_settings):
+    """Issue 15, finding 10: every thread of every worker may spool one upload into /tmp."""
+    import yaml
+
+    from control_api.app import MULTIPART_OVERHEAD
+
+    api = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["api"]
+    (tmp,) = [t for t in api["tmpfs"] if t.startswith("/tmp:")]
+    size = nginx_size(tmp.split("size=")[1].split(",")[0])
+    env = yaml.safe_load((REPO / "docker-compose.yml").read_text())["x-api-environment"]
+    workers = int(env["WEB_CONCURRENCY"])
+    needed = workers * default_settings.gunicorn_threads * (default_settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    assert size >= needed + 32 * 1024 ** 2, (size, needed)
+
+
 def test_the_api_task_runs_the_background_grader():
     """Issue 15, finding 15: pending screenings are graded in every deployment."""
     api, grader = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"]
