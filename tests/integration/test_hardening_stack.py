@@ -83,3 +83,25 @@ def test_make_run_survives_torchserve_dying(tmp_path, model_store, database):
             except subprocess.TimeoutExpired:
                 os.killpg(stack.pid, signal.SIGKILL)
         log.close()
+
+
+def test_deleting_a_patient_removes_every_version_of_their_photographs(make_stack):
+    """Finding 9: with S3 versioning on (as deploy/runbook.md recommends), a patient's deletion
+    leaves no version and no delete marker of their images."""
+    from tests.support.harness import new_patient
+
+    stack = make_stack(shared_s3=False, name="versioned")
+    s3 = stack.s3.client()
+    s3.put_bucket_versioning(Bucket=stack.s3.bucket, VersioningConfiguration={"Status": "Enabled"})
+    key = stack.key("clinician")
+    pid = new_patient(stack, key, "versioned")
+    sids = [requests.post(f"{stack.url}/api/v1/patients/{pid}/screenings", headers=key, timeout=60,
+                          files={"image": ("e.jpg", io.BytesIO(jpeg(100 + i)), "image/jpeg")},
+                          data={"eye": "left"}).json()["id"] for i in range(2)]
+    keys = {f"screenings/{sid}" for sid in sids}
+    listed = s3.list_object_versions(Bucket=stack.s3.bucket, Prefix="screenings/")
+    assert {v["Key"] for v in listed.get("Versions", [])} >= keys
+    assert requests.delete(f"{stack.url}/api/v1/patients/{pid}", headers=key, timeout=60).status_code == 204
+    left = s3.list_object_versions(Bucket=stack.s3.bucket, Prefix="screenings/")
+    remaining = {v["Key"] for v in left.get("Versions", []) + left.get("DeleteMarkers", [])}
+    assert not remaining & keys, remaining
