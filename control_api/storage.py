@@ -251,7 +251,9 @@ class S3Storage(Storage):
         self._call("head", key, self.client.head_object, Key=_check_key(key))
         return self.client.generate_presigned_url(
             "get_object", ExpiresIn=self.presign_ttl,
-            Params={"Bucket": self.bucket, "Key": _check_key(key), "ResponseContentType": content_type},
+            # The photograph must not stay in a browser's or a proxy's cache after the link expires.
+            Params={"Bucket": self.bucket, "Key": _check_key(key), "ResponseContentType": content_type,
+                    "ResponseCacheControl": "no-store, private"},
         )
 
     def check(self):

@@ -105,3 +105,25 @@ def test_deleting_a_patient_removes_every_version_of_their_photographs(make_stac
     left = s3.list_object_versions(Bucket=stack.s3.bucket, Prefix="screenings/")
     remaining = {v["Key"] for v in left.get("Versions", []) + left.get("DeleteMarkers", [])}
     assert not remaining & keys, remaining
+
+
+def test_presigned_image_links_are_short_lived_and_not_cached(make_stack):
+    from urllib.parse import parse_qs, urlsplit
+
+    from control_api.settings import Settings, SettingsError
+    from tests.support.harness import new_patient
+
+    with pytest.raises(SettingsError):
+        Settings(s3_presign_ttl_seconds=3600)
+    stack = make_stack(name="presign")
+    key = stack.key("clinician")
+    pid = new_patient(stack, key, "presign")
+    sid = requests.post(f"{stack.url}/api/v1/patients/{pid}/screenings", headers=key, timeout=60,
+                        files={"image": ("e.jpg", io.BytesIO(jpeg(120)), "image/jpeg")}, data={"eye": "left"}).json()["id"]
+    link = requests.get(f"{stack.url}/api/v1/patients/{pid}/screenings/{sid}/image", headers=key, timeout=30,
+                        allow_redirects=False)
+    assert link.status_code == 302
+    query = parse_qs(urlsplit(link.headers["Location"]).query)
+    assert int(query["X-Amz-Expires"][0]) <= 900
+    image = requests.get(link.headers["Location"], timeout=30)
+    assert image.status_code == 200 and "no-store" in image.headers["Cache-Control"]
