@@ -60,6 +60,29 @@ def child_exit(server, worker):
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+        _fold_into_archive(settings.prometheus_multiproc_dir, worker.pid)
+
+
+def _fold_into_archive(directory: str, pid: int) -> None:
+    """Add a dead worker's counters and histograms into one archive file per kind and delete
+    its files. Workers are recycled every ~2000 requests (max_requests), and each left its
+    files behind: /tmp filled and every scrape read more files. Deleting them alone would
+    make the summed counters go down (a false reset); folding keeps the totals. Runs in the
+    master, one worker at a time, so the archive has a single writer."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    for kind in ("counter", "histogram"):
+        dead = os.path.join(directory, f"{kind}_{pid}.db")
+        if not os.path.exists(dead):
+            continue
+        archive = MmapedDict(os.path.join(directory, f"{kind}_archive.db"))
+        try:
+            for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(dead):
+                current, _ = archive.read_value(key)
+                archive.write_value(key, current + value, timestamp)
+        finally:
+            archive.close()
+        os.remove(dead)
 
 
 def _json_error(sock, status_int, reason, mesg):

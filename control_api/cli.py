@@ -43,10 +43,19 @@ def keys():
 @keys.command("create")
 @click.option("--role", type=click.Choice(ROLES), required=True)
 @click.option("--label", default="", help="Who or what uses the key (no patient data).")
+@click.option("--to-secret", "secret_id", default=None, metavar="ARN",
+              help="Write the key into this AWS Secrets Manager secret instead of stdout (one-off ECS "
+                   "tasks, whose stdout goes to CloudWatch Logs).")
 @with_appcontext
-def keys_create(role, label):
-    """Print a new key on stdout. It is shown this once; only its hash is stored."""
+def keys_create(role, label, secret_id):
+    """Print a new key on stdout (or store it in a secret). It is shown this once; only its hash is stored."""
     key, token = create_key(role, label)
+    if secret_id:
+        import boto3
+
+        boto3.client("secretsmanager").put_secret_value(SecretId=secret_id, SecretString=token)
+        click.echo(f"created {role} key {key.prefix} ({label or 'no label'}); the key is in {secret_id}", err=True)
+        return
     click.echo(token)
     click.echo(f"created {role} key {key.prefix} ({label or 'no label'}); store it now, it is not shown again",
                err=True)

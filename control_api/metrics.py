@@ -52,7 +52,13 @@ def render() -> bytes:
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
-        text = generate_latest(registry)
+        for attempt in range(3):
+            try:
+                text = generate_latest(registry)
+                break
+            except FileNotFoundError:  # gunicorn.conf.py folded a dead worker's file meanwhile
+                if attempt == 2:
+                    raise
     else:
         text = generate_latest(REGISTRY)
     backlog = CollectorRegistry()

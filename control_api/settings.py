@@ -20,6 +20,9 @@ def _cpu_workers() -> int:
     return min(2 * (os.cpu_count() or 1) + 1, 8)
 
 
+MAX_PRESIGN_TTL_SECONDS = 900
+
+
 def setting(env: str, default, doc: str):
     return field(default=default, metadata={"env": env, "doc": doc})
 
@@ -87,6 +90,9 @@ class Settings:
                      "torchserve_timeout_seconds", "dicom_port", "dicom_health_port"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be positive")
+        if self.s3_presign_ttl_seconds > MAX_PRESIGN_TTL_SECONDS:
+            # A presigned link is a bearer credential for one photograph: keep it short-lived.
+            raise SettingsError(f"S3_PRESIGN_TTL_SECONDS must be at most {MAX_PRESIGN_TTL_SECONDS}")
         if isinstance(self.cors_origins, str):
             object.__setattr__(self, "cors_origins", _origins(self.cors_origins))
         if isinstance(self.dicom_allowed_ae_titles, str):

@@ -215,8 +215,23 @@ class S3Storage(Storage):
         return _verify(key, data, sha256)
 
     def delete(self, key):
+        """Every version of the object, not just the current one: with versioning on (as the
+        runbook recommends) a plain DELETE only adds a delete marker and the photograph stays
+        readable by version id. Unversioned buckets list one "null" version, deleted the same way."""
         _check_key(key)
-        self._call("delete", key, self.client.delete_object, Key=key)
+        listing = self._call("list_versions", key, self.client.list_object_versions, Prefix=key)
+        versions = [v["VersionId"] for v in listing.get("Versions", []) + listing.get("DeleteMarkers", [])
+                    if v["Key"] == key]
+        while listing.get("IsTruncated"):  # more than 1000 versions of one key: not expected, handled
+            listing = self._call("list_versions", key, self.client.list_object_versions, Prefix=key,
+                                 KeyMarker=listing["NextKeyMarker"],
+                                 VersionIdMarker=listing["NextVersionIdMarker"])
+            versions += [v["VersionId"] for v in listing.get("Versions", []) + listing.get("DeleteMarkers", [])
+                         if v["Key"] == key]
+        for version in versions:
+            self._call("delete", key, self.client.delete_object, Key=key, VersionId=version)
+        if not versions:
+            self._call("delete", key, self.client.delete_object, Key=key)
 
     def list(self, prefix="screenings/"):
         paginator = self.client.get_paginator("list_objects_v2")
@@ -236,7 +251,9 @@ class S3Storage(Storage):
         self._call("head", key, self.client.head_object, Key=_check_key(key))
         return self.client.generate_presigned_url(
             "get_object", ExpiresIn=self.presign_ttl,
-            Params={"Bucket": self.bucket, "Key": _check_key(key), "ResponseContentType": content_type},
+            # The photograph must not stay in a browser's or a proxy's cache after the link expires.
+            Params={"Bucket": self.bucket, "Key": _check_key(key), "ResponseContentType": content_type,
+                    "ResponseCacheControl": "no-store, private"},
         )
 
     def check(self):

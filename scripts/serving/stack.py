@@ -5,7 +5,9 @@ receiver together.
     python -m scripts.serving.stack run                   # embedded defaults: SQLite + local image directory
     python -m scripts.serving.stack run --postgres --s3   # local PostgreSQL + a SeaweedFS S3 server
 
-Logs of every process are followed on the console with a prefix; Ctrl-C stops them all.
+Logs of every process are followed on the console with a prefix; Ctrl-C stops them all. A
+process that exits is started again after a backoff (Supervisor) while the others go on, and a
+background grader (`flask grade-worker`) grades what was kept pending while TorchServe was away.
 Data lives under var/ so a second run finds the patients of the first.
 """
 from __future__ import annotations
@@ -18,14 +20,14 @@ import threading
 import time
 from pathlib import Path
 
-from scripts.serving.processes import REPO, DicomReceiver, Gunicorn, SeaweedS3, TorchServe, flask_cli
+from scripts.serving.processes import REPO, DicomReceiver, Gunicorn, Process, SeaweedS3, TorchServe, flask_cli
 
 DEMO_CHECKPOINT = REPO / "models" / "demo" / "checkpoint.pt"
 DEMO_VERSION = "1.0"
 MODEL_NAME = "dr"
 # MODEL_PATH: the deployment guide's name for the model store (the container uses it too).
 MODEL_STORE = Path(os.environ.get("MODEL_PATH") or REPO / "model_store").resolve()
-VAR = REPO / "var"
+VAR = Path(os.environ.get("STACK_VAR") or REPO / "var").resolve()  # tests point it elsewhere
 STACK_DATABASE = "clarity"
 
 
@@ -35,7 +37,7 @@ def ensure_demo_model() -> Path:
 
     path = mar_path(MODEL_STORE, MODEL_NAME, DEMO_VERSION)
     if path.exists():
-        print(f"model archive present: {path.relative_to(REPO)}")
+        print(f"model archive present: {path}")
         return path
     print(f"archiving the demo model {DEMO_CHECKPOINT.relative_to(REPO)} -> {path.relative_to(REPO)}")
     archive(DEMO_CHECKPOINT, DEMO_VERSION, name=MODEL_NAME, model_store=MODEL_STORE)
@@ -109,13 +111,78 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+class Grader(Process):
+    """`flask grade-worker`: grades what was kept pending while TorchServe was away."""
+
+    name = "grader"
+
+    def __init__(self, workdir: Path, env: dict, interval: float = 10.0):
+        super().__init__(workdir, {**env, "PYTHONPATH": str(REPO)})
+        self.interval = interval
+
+    cwd = REPO
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "flask", "--app", "control_api", "grade-worker", "--interval",
+                str(self.interval)]
+
+    def wait_ready(self, timeout: float) -> None:
+        time.sleep(0.5)
+        if not self.running:
+            raise RuntimeError("grade-worker exited at start")
+
+
+class Supervisor:
+    """Keeps every process of the stack running: one that exits is started again after a
+    backoff (1 s, doubling to 60 s; back to 1 s once it has run for 5 minutes). The others
+    go on meanwhile, so with TorchServe gone the API still answers (uploads are kept pending,
+    202) and the grader grades them once TorchServe is back."""
+
+    MAX_BACKOFF, STABLE = 60.0, 300.0
+
+    def __init__(self, processes: list, after_start: dict | None = None):
+        self.processes = processes
+        self.after_start = after_start or {}  # process -> callable run after it starts (readiness)
+        self.backoff = {id(p): 1.0 for p in processes}
+        self.started = {id(p): time.monotonic() for p in processes}
+        self.due: dict[int, float] = {}
+        self.restarts = 0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for p in self.processes:
+            key = id(p)
+            if p.running:
+                if now - self.started[key] > self.STABLE:
+                    self.backoff[key] = 1.0
+                continue
+            if key not in self.due:
+                print(f"{p.name} exited; starting it again in {self.backoff[key]:g} s", flush=True)
+                self.due[key] = now + self.backoff[key]
+                continue
+            if now < self.due[key]:
+                continue
+            del self.due[key]
+            self.backoff[key] = min(self.MAX_BACKOFF, self.backoff[key] * 2)
+            try:
+                p.stop()
+                p.start()
+                if p in self.after_start:
+                    self.after_start[p]()
+                self.started[key] = time.monotonic()
+                self.restarts += 1
+                print(f"{p.name} is running again", flush=True)
+            except Exception as exc:  # tried again after the next backoff
+                print(f"{p.name} did not start: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     ensure_demo_model()
     VAR.mkdir(exist_ok=True)
     processes = []
     stop = threading.Event()
     ts = TorchServe(VAR / "torchserve", MODEL_STORE, models=f"{MODEL_NAME}=dr_{DEMO_VERSION}.mar",
-                    ports=(8080, 8081, 8082))
+                    ports=tuple(args.torchserve_ports))
     # Embedded defaults (SQLite var/clarity.db, images in var/images) are the settings' own,
     # relative to the repository root where gunicorn and the CLI run.
     env = {**ts.settings_env(), "TORCHSERVE_MODEL_NAME": MODEL_NAME}
@@ -138,6 +205,10 @@ def run(args: argparse.Namespace) -> int:
         processes.append(api)
         print("starting the API (gunicorn) ...", flush=True)
         api.start()
+        grader = Grader(VAR / "grader", env)
+        processes.append(grader)
+        print("starting the background grader ...", flush=True)
+        grader.start()
         dicom = DicomReceiver(VAR / "dicom", {**env, "DICOM_ALLOWED_AE_TITLES": os.environ.get(
             "DICOM_ALLOWED_AE_TITLES", "")}, port=args.dicom_port, health_port=args.dicom_port + 1)
         processes.append(dicom)
@@ -158,11 +229,10 @@ def run(args: argparse.Namespace) -> int:
         # set explicitly: a shell starting this in the background would have it ignored.
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)
-        while all(p.running for p in processes):
+        supervisor = Supervisor(processes, after_start={ts: lambda: ts.wait_model_ready(MODEL_NAME)})
+        while True:
             time.sleep(0.5)
-        dead = [p.name for p in processes if not p.running]
-        print(f"stopping: {', '.join(dead)} exited", flush=True)
-        return 1
+            supervisor.tick()
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 0
@@ -184,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--workers", type=int, default=2)
     run_p.add_argument("--dicom-port", type=int, default=int(os.environ.get("DICOM_PORT", 11112)),
                        help="the DICOM receiver's port; its health port is the next one")
+    run_p.add_argument("--torchserve-ports", type=int, nargs=3, default=(8080, 8081, 8082),
+                       metavar=("INFERENCE", "MANAGEMENT", "METRICS"))
     args = parser.parse_args(argv)
     if args.command == "model":
         ensure_demo_model()

@@ -169,7 +169,7 @@ def test_service_is_a_valid_create_service_call(name):
     assert not problems, "\n".join(problems)
     td = read_json(TASK_DEFINITIONS[name])
     assert service["taskDefinition"] == td["family"]
-    container_ports = {(c["name"], p["containerPort"]) for c in td["containerDefinitions"] for p in c["portMappings"]}
+    container_ports = {(c["name"], p["containerPort"]) for c in td["containerDefinitions"] for p in c.get("portMappings", [])}
     for lb in service["loadBalancers"]:
         assert (lb["containerName"], lb["containerPort"]) in container_ports, lb
     breaker = service["deploymentConfiguration"]["deploymentCircuitBreaker"]
@@ -217,6 +217,9 @@ def test_task_definition_is_hardened_and_observable(name):
         log = c["logConfiguration"]
         assert log["logDriver"] == "awslogs"
         assert {"awslogs-group", "awslogs-region", "awslogs-stream-prefix"} <= set(log["options"])
+        if c.get("essential", True) is False:  # a helper (the background grader): no port, no probe,
+            assert c["restartPolicy"]["enabled"]  # ECS restarts it in place when it exits
+            continue
         hc = c["healthCheck"]
         assert hc["command"][0] in ("CMD", "CMD-SHELL") and 0 < hc["startPeriod"] <= 300
         assert c["portMappings"] and all(p["protocol"] == "tcp" for p in c["portMappings"])
@@ -236,7 +239,7 @@ def test_task_definition_keeps_secrets_out_of_plain_environment(name):
 
 
 def test_api_task_reads_its_database_url_from_secrets_manager(settings_module):
-    (c,) = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"]
+    c = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"][0]
     secrets = {s["name"]: s["valueFrom"] for s in c["secrets"]}
     assert secrets.get("DATABASE_URL", "").startswith("arn:aws:secretsmanager:")
     names = {v["name"] for v in c["environment"]} | set(secrets)
@@ -245,7 +248,7 @@ def test_api_task_reads_its_database_url_from_secrets_manager(settings_module):
 
 
 def test_api_task_matches_the_image_and_the_code(api_df, default_settings, api_routes):
-    (c,) = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"]
+    c = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"][0]
     env = {v["name"]: v["value"] for v in c["environment"]}
     port = int(env.get("PORT", default_settings.port))
     assert [p["containerPort"] for p in c["portMappings"]] == [port]
@@ -267,7 +270,7 @@ def test_torchserve_task_matches_the_image_and_the_config(serve_df, default_sett
     assert urlsplit(cmd[-1]).port == ports["management"]
     assert cmd[1:] == healthcheck_command(serve_df), "same probe as the image's"
     assert c["user"] == image_user(serve_df)
-    (api,) = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"]
+    api = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"][0]
     api_env = {v["name"]: v["value"] for v in api["environment"]}
     assert urlsplit(api_env["TORCHSERVE_INFERENCE_URL"]).port == ports["inference"]
     assert urlsplit(api_env["TORCHSERVE_MANAGEMENT_URL"]).port == ports["management"]
@@ -292,7 +295,7 @@ def test_iam_policies_grant_what_the_tasks_use():
                 assert secret["valueFrom"] in resources(execution, "secretsmanager:GetSecretValue"), secret
             group = c["logConfiguration"]["options"]["awslogs-group"]
             assert any(r.endswith(f":log-group:{group}:*") for r in resources(execution, "logs:PutLogEvents")), group
-    (api,) = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"]
+    api = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"][0]
     bucket = {v["name"]: v["value"] for v in api["environment"]}["S3_BUCKET_NAME"]
     assert f"arn:aws:s3:::{bucket}/*" in resources(task_role, "s3:PutObject")
     assert f"arn:aws:s3:::{bucket}/*" in resources(task_role, "s3:GetObject")
@@ -639,6 +642,33 @@ def _one(conf, name: str):
     found = conf.find(name)
     assert len(found) == 1, f"expected one {name}, found {len(found)}"
     return found[0].args
+
+
+def test_compose_tmp_holds_the_uploads_in_flight(default_settings):
+    """Issue 15, finding 10: every thread of every worker may spool one upload into /tmp."""
+    import yaml
+
+    from control_api.app import MULTIPART_OVERHEAD
+
+    api = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["api"]
+    (tmp,) = [t for t in api["tmpfs"] if t.startswith("/tmp:")]
+    size = nginx_size(tmp.split("size=")[1].split(",")[0])
+    env = yaml.safe_load((REPO / "docker-compose.yml").read_text())["x-api-environment"]
+    workers = int(env["WEB_CONCURRENCY"])
+    needed = workers * default_settings.gunicorn_threads * (default_settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    assert size >= needed + 32 * 1024 ** 2, (size, needed)
+
+
+def test_the_api_task_runs_the_background_grader():
+    """Issue 15, finding 15: pending screenings are graded in every deployment."""
+    api, grader = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"]
+    assert grader["command"][:4] == ["flask", "--app", "control_api", "grade-worker"]
+    assert grader["image"] == api["image"] and grader["secrets"] == api["secrets"]
+    assert {e["name"]: e["value"] for e in grader["environment"]}.items() <= \
+        {e["name"]: e["value"] for e in api["environment"]}.items()
+    compose = read_yaml(REPO / "docker-compose.yml") if "read_yaml" in globals() else None
+    if compose is not None:
+        assert compose["services"]["grader"]["command"][3] == "grade-worker"
 
 
 def test_nginx_config_passes_nginx_t(tmp_path):

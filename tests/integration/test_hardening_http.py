@@ -330,3 +330,26 @@ def test_with_redis_unreachable_each_worker_counts_alone(stack, make_stack, pati
     assert first.status_code in (201, 202), first.text
     statuses = [requests.post(url, headers=key, timeout=30).status_code for _ in range(4)]
     assert statuses == [422, 422, 429, 429], statuses
+
+
+# ------------------------------------------------------------------ finding 10: per-worker files
+
+
+def _requests_total(stack) -> float:
+    text = requests.get(f"{stack.url}/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("clarity_api_requests_total{"))
+
+
+def test_a_dead_workers_metrics_are_folded_not_left_behind(stack):
+    from scripts.serving.processes import wait_for
+
+    for _ in range(20):
+        requests.get(f"{stack.url}/healthz", timeout=10)
+    directory = Path(stack.api.env["PROMETHEUS_MULTIPROC_DIR"])
+    before = _requests_total(stack)
+    dead = stack.api.kill_worker()
+    wait_for(lambda: len(stack.api.worker_pids()) == 3 and dead not in stack.api.worker_pids(), 60, "a new worker")
+    wait_for(lambda: not (directory / f"counter_{dead}.db").exists(), 30, "the dead worker's files to go")
+    assert not list(directory.glob(f"*_{dead}.db")), sorted(p.name for p in directory.iterdir())
+    assert (directory / "counter_archive.db").exists() and (directory / "histogram_archive.db").exists()
+    assert _requests_total(stack) >= before, "the dead worker's counts are kept"

@@ -110,3 +110,20 @@ def test_migrate_reports_versions(api_settings, fake_torchserve):
     runner = app.test_cli_runner()
     assert f"upgraded from version 0 to {migrations.LATEST}" in runner.invoke(args=["migrate"]).output
     assert f"up to date (version {migrations.LATEST})" in runner.invoke(args=["migrate"]).output
+
+
+def test_keys_create_can_write_the_key_to_a_secret_instead_of_stdout(app, monkeypatch):
+    """Issue 15: the first admin key of an ECS deployment never reaches CloudWatch Logs."""
+    import boto3
+
+    stored = {}
+
+    class SecretsManager:
+        def put_secret_value(self, SecretId, SecretString):
+            stored[SecretId] = SecretString
+
+    monkeypatch.setattr(boto3, "client", lambda name, **kw: SecretsManager())
+    result = app.test_cli_runner().invoke(args=["keys", "create", "--role", "admin", "--to-secret", "arn:x"])
+    assert result.exit_code == 0, result.output
+    token = stored["arn:x"]
+    assert token.startswith("cic_") and token not in result.output
