@@ -1,0 +1,271 @@
+// One visit: its outcome, each eye's result and photographs, uploads, the Grad-CAM overlay, and
+// the report and FHIR downloads. Every clinical word on this screen (grade, outcome, quality
+// reasons, disclaimer) is the API's own text: the console adds none of its own.
+
+import { describe, getBlob, getJSON, newIdempotencyKey, upload } from "./api.js";
+import { clear, field, formatTime, h, message, uid } from "./dom.js";
+import { disclaimerBanner, patientHeader } from "./patients.js";
+
+const EYES = [["right", "Right eye"], ["left", "Left eye"]]; // right first, as on a fundus report
+const FIELDS = [["disc", "Disc-centred"], ["macula", "Macula-centred"], ["other", "Other"]];
+const FIELD_NAMES = Object.fromEntries(FIELDS);
+const ACCEPT = "image/jpeg,image/png,image/tiff,application/dicom,.dcm,.jpg,.jpeg,.png,.tif,.tiff";
+const STATUS_TEXT = {
+  graded: "Graded",
+  ungradable: "Ungradable photograph",
+  pending: "Grading in progress",
+  failed: "Grading failed",
+  missing: "No photograph yet",
+};
+
+const apiPath = (url) => url.replace(/^\/api\/v1/, "");
+
+function reasonsOf(list) {
+  return (list || []).map((r) => (typeof r === "string" ? r : r.message || r.code)).filter(Boolean);
+}
+
+export async function examView(root, patientId, examId) {
+  const base = `/patients/${patientId}/exams/${examId}`;
+  const [patient, first] = await Promise.all([getJSON(`/patients/${patientId}`), getJSON(base)]);
+  let exam = first;
+  let stopped = false;
+  let timer = null;
+  const blobs = new Map(); // API path -> object URL, revoked when the view is left
+
+  async function objectUrl(path) {
+    if (!blobs.has(path)) blobs.set(path, getBlob(path).then((b) => URL.createObjectURL(b)));
+    try {
+      return await blobs.get(path);
+    } catch (error) {
+      blobs.delete(path);
+      throw error;
+    }
+  }
+
+  const summary = h("section", { class: "card summary", "aria-labelledby": "outcome-title" });
+  const panels = Object.fromEntries(EYES.map(([eye, title]) => [eye, eyePanel(eye, title)]));
+  root.append(
+    h("p", { class: "crumbs" }, h("a", { href: "#/patients" }, "Patients"), " › ",
+      h("a", { href: `#/patients/${patientId}` }, patient.name), " › Visit"),
+    h("h1", {}, `Visit of ${formatTime(exam.performed_at)}`),
+    h("p", { class: "lead" }, patient.name),
+    patientHeader(patient),
+    summary,
+    h("div", { class: "eyes" }, EYES.map(([eye]) => panels[eye].el)));
+
+  function renderSummary() {
+    const downloads = h("div", { class: "downloads" },
+      h("button", { type: "button", onclick: (e) => download(e.currentTarget, `${base}/report`, `visit-${examId}.pdf`) },
+        "Download the PDF report"),
+      h("button", { type: "button", class: "secondary", onclick: (e) => download(e.currentTarget, `${base}/fhir`, `visit-${examId}.fhir.json`) },
+        "Download the FHIR Bundle"),
+      h("span", { class: "download-status", role: "status", "aria-live": "polite" }));
+    const model = exam.model ? `Model ${exam.model.name} ${exam.model.version}` : "No model has graded this visit yet.";
+    clear(summary,
+      h("h2", { id: "outcome-title" }, "Outcome"),
+      exam.disclaimer ? disclaimerBanner(exam.disclaimer) : null,
+      h("p", { class: `outcome ${exam.outcome}`, "data-outcome": exam.outcome }, exam.message),
+      h("p", { class: "meta" }, model, exam.accession_number ? ` · Accession ${exam.accession_number}` : ""),
+      downloads);
+  }
+
+  async function download(button, path, filename) {
+    const status = button.parentElement.querySelector(".download-status");
+    button.disabled = true;
+    status.textContent = "Preparing…";
+    try {
+      const blob = await getBlob(path);
+      const url = URL.createObjectURL(blob);
+      const a = h("a", { href: url, download: filename, hidden: true });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60000);
+      status.textContent = `Downloaded ${filename}.`;
+    } catch (error) {
+      status.textContent = "";
+      status.append(message("error", describe(error)));
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function eyePanel(eye, title) {
+    const titleId = uid("eye");
+    const result = h("div", { class: "result", "aria-live": "polite" });
+    const thumbs = h("div", { class: "thumbs", role: "group", "aria-label": `Photographs of the ${title.toLowerCase()}` });
+    const photo = h("img", { class: "photo", alt: "" });
+    const overlay = h("img", { class: "overlay", alt: "", hidden: true });
+    const caption = h("figcaption");
+    const show = h("input", { type: "checkbox", checked: true });
+    const opacity = h("input", { type: "range", min: 0, max: 100, step: 5, value: 60 });
+    const overlayNote = h("p", { class: "hint", "aria-live": "polite" });
+    const figure = h("figure", { class: "viewer", hidden: true },
+      h("div", { class: "stack" }, photo, overlay), caption,
+      h("div", { class: "controls" },
+        h("div", { class: "check" }, show, h("label", { for: show.id = uid("show") }, "Show the Grad-CAM overlay (where the model looked)")),
+        field("Overlay opacity", opacity)),
+      overlayNote);
+    const el = h("section", { class: `card eye eye-${eye}`, "aria-labelledby": titleId, "data-eye": eye },
+      h("h2", { id: titleId }, title), result, figure, thumbs, uploader(eye, title));
+    let selected = null;
+
+    const applyOverlay = () => {
+      overlay.style.opacity = String(opacity.value / 100);
+      opacity.setAttribute("aria-valuetext", `${opacity.value} percent`);
+      opacity.disabled = !show.checked;
+      overlay.hidden = !show.checked || !overlay.getAttribute("src");
+    };
+    show.addEventListener("change", () => { applyOverlay(); if (show.checked && selected) loadOverlay(selected); });
+    opacity.addEventListener("input", applyOverlay);
+
+    async function loadOverlay(image) {
+      overlayNote.textContent = "";
+      overlay.removeAttribute("src");
+      applyOverlay();
+      if (!show.checked || image.status !== "graded") {
+        if (image.status !== "graded") overlayNote.textContent = "No overlay: this photograph has no grade.";
+        return;
+      }
+      try {
+        const url = await objectUrl(`/patients/${patientId}/screenings/${image.id}/explanation`);
+        if (selected !== image) return;
+        overlay.src = url;
+        overlay.alt = `Grad-CAM overlay of the ${title.toLowerCase()}: the regions that weighed most in the grade`;
+      } catch (error) {
+        if (error.status === 401) return;
+        overlayNote.textContent = `No overlay: ${describe(error)}`;
+      }
+      applyOverlay();
+    }
+
+    async function select(image) {
+      selected = image;
+      for (const b of thumbs.querySelectorAll("button")) b.setAttribute("aria-pressed", String(b.dataset.id === image.id));
+      figure.hidden = false;
+      caption.textContent = `${FIELD_NAMES[image.field] || "Photograph"} · ${STATUS_TEXT[image.status] || image.status}` +
+        (image.result && image.result.label ? ` · ${image.result.label}` : "");
+      photo.alt = `${FIELD_NAMES[image.field] || ""} photograph of the ${title.toLowerCase()}`.trim();
+      photo.removeAttribute("src");
+      try {
+        const url = await objectUrl(apiPath(image.image.url) + "?redirect=false");
+        if (selected === image) photo.src = url;
+      } catch (error) {
+        if (error.status !== 401) overlayNote.textContent = `The photograph could not be shown: ${describe(error)}`;
+      }
+      loadOverlay(image);
+    }
+
+    function render() {
+      const info = (exam.eyes && exam.eyes[eye]) || { status: "missing" };
+      const images = exam.images.filter((i) => i.eye === eye);
+      const parts = [h("p", { class: `eye-status ${info.status}` }, STATUS_TEXT[info.status] || info.status)];
+      if (info.status === "graded") {
+        parts.push(h("p", { class: "grade" }, "Grade: ", h("strong", {}, info.label)),
+          h("p", {}, `Referable: ${info.referable ? "yes" : "no"}`));
+      }
+      const reasons = reasonsOf(info.quality_reasons);
+      if (info.status === "ungradable" || reasons.length) {
+        const perImage = reasons.length ? reasons
+          : images.flatMap((i) => reasonsOf(i.result && i.result.quality && i.result.quality.reasons));
+        if (perImage.length) {
+          parts.push(h("p", { class: "reasons-title" }, "Why the photograph could not be graded:"),
+            h("ul", { class: "reasons" }, [...new Set(perImage)].map((r) => h("li", {}, r))));
+        }
+      }
+      clear(result, parts);
+      clear(thumbs, images.map((image, n) => h("button", {
+        type: "button", class: `thumb ${image.status}`, "data-id": image.id,
+        "aria-pressed": String(selected && selected.id === image.id),
+        onclick: () => select(image),
+      }, `${n + 1}. ${FIELD_NAMES[image.field] || "Photograph"}: ${STATUS_TEXT[image.status] || image.status}`,
+        image.id === info.deciding_image_id ? " (decided the grade)" : "")));
+      const keep = selected && images.find((i) => i.id === selected.id);
+      const next = keep || images.find((i) => i.id === info.deciding_image_id) || images[images.length - 1];
+      if (!next) { figure.hidden = true; selected = null; return; }
+      if (!keep || keep.status !== selected.status) select(next);
+      else selected = keep;
+    }
+
+    return { el, render };
+  }
+
+  function uploader(eye, title) {
+    const input = h("input", { type: "file", accept: ACCEPT, multiple: true, class: "file" });
+    const fieldSelect = h("select", {}, FIELDS.map(([v, t]) => h("option", { value: v }, t)));
+    const list = h("ul", { class: "uploads" });
+    const zone = h("div", { class: "dropzone" },
+      h("p", {}, "Drop one or two photographs here (JPEG, PNG, TIFF or DICOM), or"),
+      h("label", { class: "button", for: input.id = uid("file") }, `Choose photographs of the ${title.toLowerCase()}`),
+      input);
+    zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", (e) => {
+      e.preventDefault();
+      zone.classList.remove("over");
+      send([...e.dataTransfer.files]);
+    });
+    input.addEventListener("change", () => { send([...input.files]); input.value = ""; });
+
+    function send(files) {
+      for (const file of files) sendOne(file, fieldSelect.value);
+    }
+
+    function sendOne(file, fieldValue, idempotencyKey = newIdempotencyKey()) {
+      const progress = h("progress", { max: 100, value: 0, "aria-label": `Upload of ${file.name}` });
+      const status = h("span", { class: "upload-status" }, "Uploading…");
+      const item = h("li", { class: "upload" }, h("span", { class: "name" }, file.name), progress, status);
+      list.append(item);
+      const form = new FormData();
+      form.append("eye", eye);
+      form.append("field", fieldValue);
+      form.append("image", file, file.name);
+      upload(`${base}/images`, form, {
+        idempotencyKey,
+        onProgress: (fraction) => { progress.value = Math.round(fraction * 100); },
+        onRetry: (attempt) => { status.textContent = `Connection lost: retrying (${attempt})…`; },
+      }).then(({ status: code }) => {
+        progress.value = 100;
+        item.classList.add("done");
+        status.textContent = code === 202 ? "Stored; grading pending." : "Stored and graded.";
+        refresh();
+      }, (error) => {
+        item.classList.add("failed");
+        clear(status, message("error", describe(error)));
+        if (error.status === 0) {
+          // Still unknown whether the server got it: the same key makes a retry safe.
+          status.append(h("button", { type: "button", class: "small", onclick: () => { item.remove(); sendOne(file, fieldValue, idempotencyKey); } }, "Try again"));
+        }
+      });
+    }
+
+    return h("div", { class: "uploader" },
+      h("h3", {}, "Add photographs"),
+      field("Field of the photographs", fieldSelect), zone, list);
+  }
+
+  function render() {
+    renderSummary();
+    for (const [eye] of EYES) panels[eye].render();
+    clearTimeout(timer);
+    const pending = exam.outcome === "pending" || exam.images.some((i) => i.status === "pending");
+    if (pending && !stopped) timer = setTimeout(refresh, 3000);
+  }
+
+  async function refresh() {
+    if (stopped) return;
+    try {
+      exam = await getJSON(base);
+      if (!stopped) render();
+    } catch (error) {
+      if (error.status !== 401 && !stopped) summary.append(message("error", describe(error)));
+    }
+  }
+
+  render();
+  return () => {
+    stopped = true;
+    clearTimeout(timer);
+    for (const pending of blobs.values()) pending.then((url) => URL.revokeObjectURL(url), () => {});
+  };
+}
