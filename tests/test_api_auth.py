@@ -19,6 +19,8 @@ EXPECTED = {
     "patients.delete_patient": CLINICAL, "patients.patient_summary": CLINICAL,
     "screenings.create_screening": CLINICAL, "screenings.list_screenings": CLINICAL,
     "screenings.read_screening": CLINICAL, "screenings.read_image": CLINICAL, "screenings.regrade": CLINICAL,
+    "exams.create_exam": CLINICAL, "exams.list_exams": CLINICAL, "exams.read_exam": CLINICAL,
+    "exams.add_image": CLINICAL,
     "models.list_models": ("admin",),
     "audit.list_events": ("auditor", "admin"),
 }
