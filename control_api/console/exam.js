@@ -61,12 +61,15 @@ export async function examView(root, patientId, examId) {
         "Download the FHIR Bundle"),
       h("span", { class: "download-status", role: "status", "aria-live": "polite" }));
     const model = exam.model ? `Model ${exam.model.name} ${exam.model.version}` : "No model has graded this visit yet.";
+    const empty = !exam.images.length;
     clear(summary,
       h("h2", { id: "outcome-title" }, "Outcome"),
       exam.disclaimer ? disclaimerBanner(exam.disclaimer) : null,
-      h("p", { class: `outcome ${exam.outcome}`, "data-outcome": exam.outcome }, exam.message),
+      empty
+        ? h("p", { class: "outcome empty" }, "No photographs yet: add one or two photographs of each eye below.")
+        : h("p", { class: `outcome ${exam.outcome}`, "data-outcome": exam.outcome }, exam.message),
       h("p", { class: "meta" }, model, exam.accession_number ? ` · Accession ${exam.accession_number}` : ""),
-      downloads);
+      empty ? null : downloads);
   }
 
   async function download(button, path, filename) {
@@ -95,45 +98,76 @@ export async function examView(root, patientId, examId) {
     const result = h("div", { class: "result", "aria-live": "polite" });
     const thumbs = h("div", { class: "thumbs", role: "group", "aria-label": `Photographs of the ${title.toLowerCase()}` });
     const photo = h("img", { class: "photo", alt: "" });
-    const overlay = h("img", { class: "overlay", alt: "", hidden: true });
+    // The API's explanation is one PNG: the photograph with the Grad-CAM map already blended in,
+    // and a colour scale under it. The top part is drawn over the photograph (so the slider fades
+    // between the plain photograph and the API's picture) and the scale beneath it.
+    const overlay = h("canvas", { class: "overlay", role: "img", hidden: true });
+    const scale = h("canvas", { class: "scale", role: "img", hidden: true,
+      "aria-label": "Colour scale of the overlay: blue for low attention, red for high" });
     const caption = h("figcaption");
     const show = h("input", { type: "checkbox", checked: true });
-    const opacity = h("input", { type: "range", min: 0, max: 100, step: 5, value: 60 });
+    const opacity = h("input", { type: "range", min: 0, max: 100, step: 5, value: 100 });
     const overlayNote = h("p", { class: "hint", "aria-live": "polite" });
+    const controls = h("div", { class: "controls" },
+      h("div", { class: "check" }, show, h("label", { for: show.id = uid("show") }, "Show the Grad-CAM overlay (where the model looked)")),
+      field("Overlay opacity", opacity));
     const figure = h("figure", { class: "viewer", hidden: true },
-      h("div", { class: "stack" }, photo, overlay), caption,
-      h("div", { class: "controls" },
-        h("div", { class: "check" }, show, h("label", { for: show.id = uid("show") }, "Show the Grad-CAM overlay (where the model looked)")),
-        field("Overlay opacity", opacity)),
-      overlayNote);
+      h("div", { class: "stack" }, photo, overlay), scale, caption, controls, overlayNote);
     const el = h("section", { class: `card eye eye-${eye}`, "aria-labelledby": titleId, "data-eye": eye },
       h("h2", { id: titleId }, title), result, figure, thumbs, uploader(eye, title));
     let selected = null;
+    let drawn = false;
 
     const applyOverlay = () => {
       overlay.style.opacity = String(opacity.value / 100);
       opacity.setAttribute("aria-valuetext", `${opacity.value} percent`);
       opacity.disabled = !show.checked;
-      overlay.hidden = !show.checked || !overlay.getAttribute("src");
+      overlay.hidden = !show.checked || !drawn;
+      scale.hidden = overlay.hidden || !scale.height;
+      overlay.dataset.state = drawn ? (overlay.hidden ? "off" : "on") : "none";
     };
-    show.addEventListener("change", () => { applyOverlay(); if (show.checked && selected) loadOverlay(selected); });
+    show.addEventListener("change", () => { applyOverlay(); if (show.checked && selected && !drawn) loadOverlay(selected); });
     opacity.addEventListener("input", applyOverlay);
+
+    function draw(img) {
+      // Where the picture ends and the scale begins: the picture keeps the photograph's aspect.
+      const w = img.naturalWidth, total = img.naturalHeight;
+      let top = total;
+      if (photo.naturalWidth && photo.naturalHeight) {
+        const guess = Math.round(w * photo.naturalHeight / photo.naturalWidth);
+        if (guess > 0 && guess <= total && total - guess < total * 0.4) top = guess;
+      }
+      overlay.width = w;
+      overlay.height = top;
+      overlay.getContext("2d").drawImage(img, 0, 0, w, top, 0, 0, w, top);
+      scale.width = w;
+      scale.height = total - top;
+      if (scale.height) scale.getContext("2d").drawImage(img, 0, top, w, total - top, 0, 0, w, total - top);
+      overlay.setAttribute("aria-label", `Grad-CAM overlay on the ${title.toLowerCase()}: the regions that weighed most in the grade`);
+      drawn = true;
+    }
 
     async function loadOverlay(image) {
       overlayNote.textContent = "";
-      overlay.removeAttribute("src");
+      drawn = false;
+      scale.width = scale.height = 0;
       applyOverlay();
-      if (!show.checked || image.status !== "graded") {
-        if (image.status !== "graded") overlayNote.textContent = "No overlay: this photograph has no grade.";
+      controls.hidden = image.status !== "graded";
+      if (image.status !== "graded") {
+        overlayNote.textContent = "No overlay: this photograph has no grade.";
         return;
       }
+      if (!show.checked) return;
       try {
         const url = await objectUrl(`/patients/${patientId}/screenings/${image.id}/explanation`);
+        const img = new Image();
+        img.src = url;
+        await img.decode();
+        try { await photo.decode(); } catch { /* not shown (e.g. TIFF): the overlay alone */ }
         if (selected !== image) return;
-        overlay.src = url;
-        overlay.alt = `Grad-CAM overlay of the ${title.toLowerCase()}: the regions that weighed most in the grade`;
+        draw(img);
       } catch (error) {
-        if (error.status === 401) return;
+        if (error.status === 401 || selected !== image) return;
         overlayNote.textContent = `No overlay: ${describe(error)}`;
       }
       applyOverlay();
@@ -147,6 +181,8 @@ export async function examView(root, patientId, examId) {
         (image.result && image.result.label ? ` · ${image.result.label}` : "");
       photo.alt = `${FIELD_NAMES[image.field] || ""} photograph of the ${title.toLowerCase()}`.trim();
       photo.removeAttribute("src");
+      drawn = false;
+      applyOverlay();
       try {
         const url = await objectUrl(apiPath(image.image.url) + "?redirect=false");
         if (selected === image) photo.src = url;
@@ -224,10 +260,12 @@ export async function examView(root, patientId, examId) {
         idempotencyKey,
         onProgress: (fraction) => { progress.value = Math.round(fraction * 100); },
         onRetry: (attempt) => { status.textContent = `Connection lost: retrying (${attempt})…`; },
-      }).then(({ status: code }) => {
+      }).then(({ status: code, body }) => {
         progress.value = 100;
         item.classList.add("done");
-        status.textContent = code === 202 ? "Stored; grading pending." : "Stored and graded.";
+        status.textContent = code === 202 ? "Stored; grading pending."
+          : body && body.status === "ungradable" ? "Stored; it could not be graded (see the eye's result)."
+          : "Stored and graded.";
         refresh();
       }, (error) => {
         item.classList.add("failed");

@@ -44,12 +44,11 @@ export async function patientsView(root) {
     if (!shown.length) { clear(results, h("p", {}, words.length ? "No patient matches." : "No patients yet.")); return; }
     clear(results, h("table", { class: "list" },
       h("caption", { class: "visually-hidden" }, "Patients"),
-      h("thead", {}, h("tr", {}, ["Name", "Birth date", "Record number", ""].map((t) => h("th", { scope: "col" }, t)))),
+      h("thead", {}, h("tr", {}, ["Name", "Birth date", "Record number"].map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, shown.slice(0, 200).map((p) => h("tr", {},
         h("td", {}, h("a", { href: `#/patients/${p.id}` }, p.name)),
         h("td", {}, formatDate(p.birth_date)),
-        h("td", {}, p.medical_record_number || ""),
-        h("td", {}, h("a", { href: `#/patients/${p.id}`, class: "button small", "aria-label": `Open ${p.name}` }, "Open")))))));
+        h("td", {}, p.medical_record_number || ""))))));
   };
   search.addEventListener("input", render);
   count.textContent = "Loading patients…";
@@ -100,7 +99,7 @@ export function patientHeader(patient) {
 
 export function disclaimerBanner(text) {
   return h("aside", { class: "disclaimer", role: "note", "aria-label": "Model disclaimer" },
-    h("strong", {}, "Not for clinical use. "), text);
+    h("strong", {}, "Disclaimer: "), text);
 }
 
 export async function patientView(root, patientId) {
