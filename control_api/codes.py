@@ -28,8 +28,8 @@ OUTCOME_MESSAGES = {
     "retake": "Insufficient image quality: retake the photographs of the eye(s) without a gradable image.",
     "pending": "Grading is still in progress: check again later.",
 }
-OUTCOME_SOURCE = ("Wording of the cleared autonomous DR screening products IDx-DR / LumineticsCore "
-                  "(Digital Diagnostics) and EyeArt (Eyenuk), instructions for use.")
+OUTCOME_SOURCE = ("outcome wording of the cleared autonomous DR screening products IDx-DR / "
+                  "LumineticsCore (Digital Diagnostics) and EyeArt (Eyenuk)")
 
 EYE_WORDS = {"left": "Left eye", "right": "Right eye"}
 FIELD_WORDS = {"disc": "disc-centred", "macula": "macula-centred", "other": "other field"}
@@ -38,7 +38,6 @@ FIELD_WORDS = {"disc": "disc-centred", "macula": "macula-centred", "other": "oth
 LOINC = "http://loinc.org"
 DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
-DIAGNOSTIC_SERVICE = "http://terminology.hl7.org/CodeSystem/v2-0074"
 IDENTIFIER_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
 DEVICE_NAME_TYPE = "model-name"  # Device.deviceName.type (R4 DeviceNameType)
 # Our own systems: ids we issue, and the clinic's identifiers as it gave them.

@@ -3,6 +3,7 @@
 TorchServe is archived upstream; moving to another server (e.g. one speaking the Open
 Inference Protocol) means rewriting this file and nothing else. The rest of the API sees
 `TorchServeClient.predict()` returning the prediction dict of docs/contracts.md §4,
+`explain()` returning it with a Grad-CAM explanation,
 `models()` and `ready()`, and the three exceptions below.
 """
 from __future__ import annotations
@@ -69,7 +70,16 @@ class TorchServeClient:
         self.session.mount("https://", adapter)
 
     def predict(self, image: bytes, content_type: str, version: str | None = None) -> dict:
-        url = f"{self.inference_url}/predictions/{self.model_name}" + (f"/{version}" if version else "")
+        return self._ask("predictions", image, content_type, version)
+
+    def explain(self, image: bytes, content_type: str, version: str | None = None) -> dict:
+        """The prediction plus `explanation` (Grad-CAM: `map`, `crop_box`, ...; null when the
+        image is ungradable), from TorchServe's explanations API."""
+        return self._ask("explanations", image, content_type, version)
+
+    def _ask(self, api: str, image: bytes, content_type: str, version: str | None) -> dict:
+        url = f"{self.inference_url}/{api}/{self.model_name}" + (f"/{version}" if version else "")
+        operation = "predict" if api == "predictions" else "explain"
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -83,7 +93,7 @@ class TorchServeClient:
             outcome = "unreachable"
             raise TorchServeUnavailable("TorchServe is unreachable") from None
         finally:
-            metrics.TORCHSERVE_SECONDS.labels("predict", outcome).observe(time.perf_counter() - started)
+            metrics.TORCHSERVE_SECONDS.labels(operation, outcome).observe(time.perf_counter() - started)
 
     @_retry_connect
     def _post(self, url: str, image: bytes, content_type: str) -> requests.Response:

@@ -20,7 +20,8 @@ EXPECTED = {
     "screenings.create_screening": CLINICAL, "screenings.list_screenings": CLINICAL,
     "screenings.read_screening": CLINICAL, "screenings.read_image": CLINICAL, "screenings.regrade": CLINICAL,
     "exams.create_exam": CLINICAL, "exams.list_exams": CLINICAL, "exams.read_exam": CLINICAL,
-    "exams.add_image": CLINICAL,
+    "exams.add_image": CLINICAL, "exams.read_report": CLINICAL, "exams.read_fhir": CLINICAL,
+    "screenings.read_explanation": CLINICAL,
     "models.list_models": ("admin",),
     "audit.list_events": ("auditor", "admin"),
 }

@@ -13,9 +13,9 @@ import logging
 import uuid
 
 import peewee
-from flask import Response, g, request
+from flask import Response, g, json as flask_json, request
 
-from .. import outcome, schemas
+from .. import fhir, outcome, report, schemas
 from ..audit import audited, target
 from ..auth import CLINICAL, roles
 from ..db import db
@@ -128,3 +128,31 @@ def add_image(form, patient_id, exam_id):
     """Add one photograph (one eye, one field) to the exam; the answer is the photograph."""
     exam = get_exam(patient_id, exam_id)
     return answer(*upload_photograph(exam.patient, form, exam))
+
+
+@blp.route("/<uuid:exam_id>/report", methods=["GET"])
+@roles(*CLINICAL)
+@audited("exam.report.read", "exam")
+@blp.response(200, content_type="application/pdf",
+              description="The report for the chart: patient identity, each eye's photographs, grade, quality "
+                          "and Grad-CAM overlay, the outcome, the model")
+def read_report(patient_id, exam_id):
+    exam = get_exam(patient_id, exam_id)
+    pdf = report.render(exam.patient, outcome.evaluate(exam))
+    return Response(pdf, mimetype="application/pdf",
+                    headers={"Content-Disposition": f'inline; filename="exam-{exam.id}.pdf"'})
+
+
+@blp.route("/<uuid:exam_id>/fhir", methods=["GET"])
+@roles(*CLINICAL)
+@audited("exam.fhir.read", "exam")
+@blp.arguments(schemas.FhirArgs, location="query")
+@blp.response(200, content_type=fhir.CONTENT_TYPE,
+              description="A FHIR R4 Bundle (collection): DiagnosticReport, Patient, Device, one Observation per "
+                          "eye (LOINC 71490-7 / 71491-5) and one for the exam (LOINC 105914-6)")
+def read_fhir(args, patient_id, exam_id):
+    exam = get_exam(patient_id, exam_id)
+    result = outcome.evaluate(exam)
+    pdf = report.render(exam.patient, result) if args["include_pdf"] else None
+    body = fhir.bundle(exam.patient, result, pdf)
+    return Response(flask_json.dumps(body), mimetype=fhir.CONTENT_TYPE)

@@ -19,7 +19,7 @@ import uuid
 import peewee
 from flask import Response, current_app, g, redirect, request
 
-from .. import images, metrics, schemas
+from .. import explanation, images, metrics, schemas
 from ..audit import audited, target
 from ..auth import ADMIN, CLINICAL, require_role, roles
 from ..db import db
@@ -253,6 +253,22 @@ def read_image(args, patient_id, screening_id):
     return Response(data, mimetype=screening.content_type, headers={
         "Content-Disposition": f'inline; filename="{screening.id}.{extension}"',
         "X-Content-SHA256": screening.image_sha256})
+
+
+@blp.route("/<uuid:screening_id>/explanation", methods=["GET"])
+@roles(*CLINICAL)
+@audited("screening.explanation.read", "screening")
+@blp.response(200, content_type="image/png", description="Grad-CAM overlay on the photograph, with a colour scale")
+@blp.alt_response(409, schema=schemas.Error, description="Not graded yet, or its model version is gone")
+@blp.alt_response(422, schema=schemas.Error, description="Ungradable: nothing to explain")
+@blp.alt_response(503, schema=schemas.Error, description="The model server is unavailable (Retry-After)")
+def read_explanation(patient_id, screening_id):
+    """Where the model looked for the grade of this photograph: the whole photograph (longer
+    side at most 1024 px, its own aspect) with the Grad-CAM map of the grading's model version
+    over the retina, and a low-to-high colour scale under it."""
+    png = explanation.for_screening(get_screening(patient_id, screening_id))
+    return Response(png, mimetype="image/png",
+                    headers={"Content-Disposition": f'inline; filename="{screening_id}-gradcam.png"'})
 
 
 @blp.route("/<uuid:screening_id>/grade", methods=["POST"])
