@@ -164,10 +164,10 @@ export async function examView(root, patientId, examId) {
         img.src = url;
         await img.decode();
         try { await photo.decode(); } catch { /* not shown (e.g. TIFF): the overlay alone */ }
-        if (selected !== image) return;
+        if (!selected || selected.id !== image.id) return;
         draw(img);
       } catch (error) {
-        if (error.status === 401 || selected !== image) return;
+        if (error.status === 401 || !selected || selected.id !== image.id) return;
         overlayNote.textContent = `No overlay: ${describe(error)}`;
       }
       applyOverlay();
@@ -185,7 +185,7 @@ export async function examView(root, patientId, examId) {
       applyOverlay();
       try {
         const url = await objectUrl(apiPath(image.image.url) + "?redirect=false");
-        if (selected === image) photo.src = url;
+        if (selected && selected.id === image.id) photo.src = url;
       } catch (error) {
         if (error.status !== 401) overlayNote.textContent = `The photograph could not be shown: ${describe(error)}`;
       }
