@@ -102,8 +102,11 @@ export async function examView(root, patientId, examId) {
     // and a colour scale under it. The top part is drawn over the photograph (so the slider fades
     // between the plain photograph and the API's picture) and the scale beneath it.
     const overlay = h("canvas", { class: "overlay", role: "img", hidden: true });
-    const scale = h("canvas", { class: "scale", role: "img", hidden: true,
-      "aria-label": "Colour scale of the overlay: blue for low attention, red for high" });
+    // The API's own scale strip is cropped off (its small print is unreadable once the picture
+    // is scaled to the panel); this legend says the same in the page's own type.
+    const scale = h("div", { class: "scale", hidden: true },
+      h("span", { class: "ramp", "aria-hidden": "true" }),
+      h("span", { class: "ends" }, h("span", {}, "low attention"), h("span", {}, "high attention")));
     const caption = h("figcaption");
     const show = h("input", { type: "checkbox", checked: true });
     const opacity = h("input", { type: "range", min: 0, max: 100, step: 5, value: 100 });
@@ -116,6 +119,7 @@ export async function examView(root, patientId, examId) {
     const el = h("section", { class: `card eye eye-${eye}`, "aria-labelledby": titleId, "data-eye": eye },
       h("h2", { id: titleId }, title), result, figure, thumbs, uploader(eye, title));
     let selected = null;
+    let chosen = false; // the user picked a photograph: keep it; otherwise follow the deciding one
     let drawn = false;
 
     const applyOverlay = () => {
@@ -123,7 +127,7 @@ export async function examView(root, patientId, examId) {
       opacity.setAttribute("aria-valuetext", `${opacity.value} percent`);
       opacity.disabled = !show.checked;
       overlay.hidden = !show.checked || !drawn;
-      scale.hidden = overlay.hidden || !scale.height;
+      scale.hidden = overlay.hidden;
       overlay.dataset.state = drawn ? (overlay.hidden ? "off" : "on") : "none";
     };
     show.addEventListener("change", () => { applyOverlay(); if (show.checked && selected && !drawn) loadOverlay(selected); });
@@ -140,9 +144,6 @@ export async function examView(root, patientId, examId) {
       overlay.width = w;
       overlay.height = top;
       overlay.getContext("2d").drawImage(img, 0, 0, w, top, 0, 0, w, top);
-      scale.width = w;
-      scale.height = total - top;
-      if (scale.height) scale.getContext("2d").drawImage(img, 0, top, w, total - top, 0, 0, w, total - top);
       overlay.setAttribute("aria-label", `Grad-CAM overlay on the ${title.toLowerCase()}: the regions that weighed most in the grade`);
       drawn = true;
     }
@@ -150,7 +151,6 @@ export async function examView(root, patientId, examId) {
     async function loadOverlay(image) {
       overlayNote.textContent = "";
       drawn = false;
-      scale.width = scale.height = 0;
       applyOverlay();
       controls.hidden = image.status !== "graded";
       if (image.status !== "graded") {
@@ -213,14 +213,15 @@ export async function examView(root, patientId, examId) {
       clear(thumbs, images.map((image, n) => h("button", {
         type: "button", class: `thumb ${image.status}`, "data-id": image.id,
         "aria-pressed": String(selected && selected.id === image.id),
-        onclick: () => select(image),
+        onclick: () => { chosen = true; select(image); },
       }, `${n + 1}. ${FIELD_NAMES[image.field] || "Photograph"}: ${STATUS_TEXT[image.status] || image.status}`,
         image.id === info.deciding_image_id ? " (decided the grade)" : "")));
-      const keep = selected && images.find((i) => i.id === selected.id);
-      const next = keep || images.find((i) => i.id === info.deciding_image_id) || images[images.length - 1];
+      const deciding = images.find((i) => i.id === info.deciding_image_id);
+      const keep = selected && (chosen || !deciding) && images.find((i) => i.id === selected.id);
+      const next = keep || deciding || images[images.length - 1];
       if (!next) { figure.hidden = true; selected = null; return; }
-      if (!keep || keep.status !== selected.status) select(next);
-      else selected = keep;
+      if (!selected || next.id !== selected.id || next.status !== selected.status) select(next);
+      else selected = next;
     }
 
     return { el, render };

@@ -120,8 +120,12 @@ class Console:
 def console(browser, stack, request):
     opened = []
 
+    name = request.node.name.removeprefix("test_")
+    for old in SHOTS.glob(f"{name}-*.png"):  # an earlier run's pictures would mislead
+        old.unlink()
+
     def make(width=1280, height=800):
-        c = Console(browser, stack, request.node.name.removeprefix("test_"), width, height)
+        c = Console(browser, stack, name, width, height)
         opened.append(c)
         return c
 
@@ -250,11 +254,16 @@ def test_clinician_path(console, stack, keys, tmp_path):
 
     # The Grad-CAM overlay of the right eye's deciding photograph: shown, faded, hidden.
     right = page.locator("section[data-eye=right]")
+    # Unless the user picks another, each eye shows the photograph that decided its grade.
+    for eye in ("right", "left"):
+        if exam["eyes"][eye]["deciding_image_id"]:
+            expect(page.locator(f"section[data-eye={eye}] .thumbs [aria-pressed=true]")).to_have_attribute(
+                "data-id", exam["eyes"][eye]["deciding_image_id"])
     overlay = right.locator("canvas.overlay")
     if exam["eyes"]["right"]["status"] == "graded":
         expect(overlay).to_have_attribute("data-state", "on")
         expect(overlay).to_be_visible()
-        expect(right.locator("canvas.scale")).to_be_visible()
+        expect(right.locator(".scale")).to_be_visible()
         slider = right.get_by_label("Overlay opacity")
         slider.fill("30")
         assert overlay.evaluate("o => o.style.opacity") == "0.3"
