@@ -144,7 +144,7 @@ def api(stack, key, method, path, **kw):
 
 
 def dark_jpeg() -> bytes:
-    from tests.images import darkened, encode, fundus_like
+    from tests.support.images import darkened, encode, fundus_like
 
     return encode(darkened(fundus_like((640, 480), seed=7), 0.05))
 
@@ -201,7 +201,7 @@ def test_clinician_path(console, stack, keys, tmp_path):
     assert page.evaluate("sessionStorage.length") == 1
 
     # A patient with PHI markers: the stack's teardown fails if they reach a log (or a URL in one).
-    from tests.plugins.stack import phi_patient
+    from tests.support.harness import phi_patient
 
     phi = phi_patient("console")
     page.get_by_label("Name", exact=True).fill(phi["name"])
