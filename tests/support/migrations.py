@@ -2,6 +2,8 @@
 (shared by the SQLite unit test and the PostgreSQL integration tests)."""
 from datetime import date, datetime
 
+from peewee import SqliteDatabase
+
 from control_api import migrations
 from control_api.models import MODELS
 
