@@ -87,3 +87,9 @@ def test_image_read_can_skip_the_redirect(api_settings, tmp_path, fake_torchserv
     direct = client.get(url + "?redirect=false", headers=headers)
     assert direct.status_code == 200 and direct.data == data
     assert client.get(url + "?redirect=maybe", headers=headers).status_code in (400, 422)
+
+
+def test_make_run_banner_names_the_console():
+    from scripts.serving.stack import _banner
+
+    assert "http://127.0.0.1:8000/console/" in _banner("http://127.0.0.1:8000", {})
