@@ -278,6 +278,13 @@ def test_clinician_path(console, stack, keys, tmp_path):
     else:
         c.shot("visit")
     c.axe("visit")
+    # The other photograph of the right eye, picked from the list, stays picked.
+    other = right.locator(".thumbs button[aria-pressed=false]")
+    expect(other).to_have_count(1)
+    other.click()
+    expect(right.locator(".thumbs button").nth(0)).to_have_attribute("aria-pressed", "false")
+    expect(right.locator(".thumbs [aria-pressed=true]")).to_have_count(1)
+    expect(right.locator("img.photo")).to_have_attribute("src", _blob())
 
     # Downloads: a PDF and a FHIR Bundle, named by ids only.
     with page.expect_download() as pdf_info:
