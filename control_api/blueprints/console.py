@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, redirect, send_from_directory
+from flask import Blueprint, send_from_directory
 
 from ..auth import public
 
@@ -39,7 +39,7 @@ def _policy(response):
 @bp.route("", methods=["GET"])
 @public
 def root():
-    return redirect("/console/", 308)
+    return index()  # the page names its assets by absolute path, so no redirect is needed
 
 
 @bp.route("/", methods=["GET"])
