@@ -131,8 +131,15 @@ def upgrade_v1_to_v2(database) -> None:
         database.execute_sql(sql)
 
 
-def _v3_exam_model(database, v1: dict):
-    """The exam table as schema v3 created it."""
+def upgrade_v2_to_v3(database) -> None:
+    """Counted grading attempts (a screening fails after grading.MAX_ATTEMPTS). One ALTER with a
+    constant default: no table rewrite on PostgreSQL 11+, and on SQLite no table rebuild (which
+    playhouse's NOT NULL step would do, and whose DROP TABLE cascades to the gradings)."""
+    database.execute_sql("ALTER TABLE screening ADD COLUMN grading_attempts INTEGER NOT NULL DEFAULT 0")
+
+
+def _v4_exam_model(database, v1: dict):
+    """The exam table as schema v4 created it."""
 
     class Exam(Model):
         id = UUIDField(primary_key=True, default=uuid.uuid4)
@@ -152,14 +159,14 @@ def _v3_exam_model(database, v1: dict):
     return Exam
 
 
-def upgrade_v2_to_v3(database) -> None:
+def upgrade_v3_to_v4(database) -> None:
     """Exams (visits): every photograph belongs to one, and has a field (disc/macula/other).
 
     Each existing screening gets an exam of its own with the screening's id as the exam's id
     (ids of different tables never meet), so one INSERT ... SELECT and one UPDATE move any
     amount of data. Its time is when the photograph was taken, else when it was uploaded."""
     v1 = _v1_models(database)
-    exam = _v3_exam_model(database, v1)
+    exam = _v4_exam_model(database, v1)
     database.create_tables([exam])
     migrator = SchemaMigrator.from_database(database)
     apply_operations(migrator.add_column("screening", "exam_id", ForeignKeyField(
@@ -182,7 +189,7 @@ def upgrade_v2_to_v3(database) -> None:
         database.execute_sql(sql)
 
 
-STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3}
+STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3, 4: upgrade_v3_to_v4}
 LATEST = max(STEPS)
 
 
@@ -219,3 +226,9 @@ def _lock_args(database) -> tuple:
 def _lock(database) -> None:
     if isinstance(database, PostgresqlDatabase):
         database.execute_sql("SELECT pg_advisory_xact_lock(727001)")
+        # A step waiting for a table lock behind a long transaction would queue every request
+        # behind itself: give up after a few seconds instead (rerun `flask migrate`). New index
+        # steps on large tables belong in steps of their own with CREATE INDEX CONCURRENTLY,
+        # which cannot run inside this transaction (docs/deployment.md).
+        database.execute_sql("SET LOCAL lock_timeout = '5s'")
+        database.execute_sql("SET LOCAL statement_timeout = 0")  # the API's per-statement limit is not for steps

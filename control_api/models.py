@@ -56,7 +56,7 @@ class Patient(BaseModel):
 
 
 class Exam(BaseModel):
-    """One screening visit: the photographs of both eyes taken together. Added in schema v3."""
+    """One screening visit: the photographs of both eyes taken together. Added in schema v4."""
 
     id = UUIDField(primary_key=True, default=uuid.uuid4)
     patient = ForeignKeyField(Patient, backref="exams", on_delete="CASCADE")
@@ -89,7 +89,9 @@ class Screening(BaseModel):
     idempotency_key = CharField(max_length=255, null=True)
     request_fingerprint = CharField(max_length=64, null=True)  # sha256 of what the upload asked for
     grading_started_at = DateTimeField(null=True)  # lease: who is asking TorchServe right now
-    # Added in schema v3: every photograph belongs to an exam (the migration gave each older
+    # Added in schema v3: attempts TorchServe was reached but did not grade (grading.py).
+    grading_attempts = IntegerField(default=0)
+    # Added in schema v4: every photograph belongs to an exam (the migration gave each older
     # screening an exam of its own).
     exam = ForeignKeyField(Exam, backref="images", on_delete="CASCADE")
     field = CharField(max_length=8, default="other")

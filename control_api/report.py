@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from PIL import Image as PILImage
+from PIL import ImageOps
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_CENTER
 from reportlab.lib.pagesizes import A4
@@ -69,16 +70,24 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else "-"
 
 
-def _thumbnail(screening, width_mm: float) -> Image | None:
+def _photograph(screening) -> bytes | None:
     try:
-        data = get_storage().get(screening.image_key, sha256=screening.image_sha256)
+        return get_storage().get(screening.image_key, sha256=screening.image_sha256)
+    except Exception as exc:  # a missing object must not cost the whole report
+        log.warning("report photograph unavailable", extra={"screening_id": str(screening.id),
+                                                           "error_type": type(exc).__name__})
+        return None
+
+
+def _thumbnail(data: bytes | None, width_mm: float) -> Image | None:
+    if data is None:
+        return None
+    try:
         img = PILImage.open(io.BytesIO(data))
         img.draft("RGB", (THUMB_PX, THUMB_PX))
-        img = img.convert("RGB")
+        img = ImageOps.exif_transpose(img).convert("RGB")
         img.thumbnail((THUMB_PX, THUMB_PX))
-    except Exception as exc:  # a missing object must not cost the whole report
-        log.warning("report thumbnail unavailable", extra={"screening_id": str(screening.id),
-                                                          "error_type": type(exc).__name__})
+    except Exception:
         return None
     return _flowable(img, width_mm)
 
@@ -91,15 +100,18 @@ def _flowable(img: PILImage.Image, width_mm: float) -> Image:
     return Image(out, width=width, height=width * img.height / img.width)
 
 
-def _overlay(screening, width_mm: float) -> tuple[Image | None, str | None]:
+def _overlay(screening, data: bytes | None, width_mm: float) -> tuple[Image | None, str | None]:
     """(the Grad-CAM overlay, None) or (None, why it is missing)."""
     try:
-        png = explanation.for_screening(screening)
+        img = explanation.for_screening(screening, data, as_image=True)
     except TorchServeUnavailable:
         return None, "Grad-CAM overlay unavailable: the model server did not answer."
     except ApiError as exc:
         return None, f"Grad-CAM overlay unavailable: {exc.message}"
-    img = PILImage.open(io.BytesIO(png)).convert("RGB")
+    except Exception as exc:
+        log.warning("report overlay failed", extra={"screening_id": str(screening.id),
+                                                   "error_type": type(exc).__name__})
+        return None, "Grad-CAM overlay unavailable."
     img.thumbnail((900, 900))
     return _flowable(img, width_mm), None
 
@@ -132,22 +144,27 @@ def _eye_section(eye: str, result, s) -> list:
         verdict += " Quality problems: " + escape("; ".join((r.get("message") or r["code"]).rstrip(".")
                                                           for r in result.quality_reasons)) + "."
     parts.append(Paragraph(verdict, s["body"]))
-    if result.images:
-        cells = []
-        for screening in result.images:
-            thumb = _thumbnail(screening, 38)
-            cells.append([thumb or Paragraph("image unavailable", s["small"]), _photo_caption(screening, s)])
-        row = [[c[0] for c in cells], [c[1] for c in cells]]
-        table = Table(row, colWidths=[42 * mm] * len(cells), hAlign="LEFT")
-        table.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("LEFTPADDING", (0, 0), (-1, -1), 2)]))
-        parts.append(table)
+    if not result.images:
+        return parts
+    photos = {screening.id: _photograph(screening) for screening in result.images}
+    cells = [[_thumbnail(photos[sc.id], 38) or Paragraph("image unavailable", s["small"]), _photo_caption(sc, s)]
+             for sc in result.images]
+    rows = []
+    for i in range(0, len(cells), 2):  # two thumbnails a row, each over its caption
+        pair = cells[i:i + 2] + [["", ""]] * (2 - len(cells[i:i + 2]))
+        rows += [[pair[0][0], pair[1][0]], [pair[0][1], pair[1][1]]]
+    thumbs = Table(rows, colWidths=[41 * mm, 41 * mm], hAlign="LEFT")
+    thumbs.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("LEFTPADDING", (0, 0), (-1, -1), 1)]))
+    right = []
     if result.deciding is not None:
-        overlay, problem = _overlay(result.deciding, 95)
-        caption = (f"Grad-CAM overlay of the photograph that decided this eye's grade "
-                   f"({codes.FIELD_WORDS.get(result.deciding.field)}): where the model looked, blue (low) "
-                   f"to red (high).")
-        parts.append(KeepTogether([Spacer(1, 2 * mm), overlay or Paragraph(escape(problem), s["body"]),
-                                   Paragraph(caption, s["small"])]))
+        overlay, problem = _overlay(result.deciding, photos[result.deciding.id], 94)
+        right = [overlay or Paragraph(escape(problem), s["body"]), Paragraph(
+            f"Grad-CAM overlay of the photograph that decided this eye's grade "
+            f"({codes.FIELD_WORDS.get(result.deciding.field)}): where the model looked, blue (low) to red (high).",
+            s["small"])]
+    layout = Table([[thumbs, right]], colWidths=[84 * mm, 96 * mm], hAlign="LEFT")
+    layout.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("LEFTPADDING", (0, 0), (-1, -1), 0)]))
+    parts.append(KeepTogether([Spacer(1, 1 * mm), layout]))
     return parts
 
 

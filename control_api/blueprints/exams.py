@@ -23,7 +23,7 @@ from ..errors import ApiError
 from ..models import Exam, utcnow
 from ..pagination import page
 from ..ratelimit import limiter, upload_limit
-from . import Blueprint
+from . import Blueprint, uploads
 from .patients import get_patient
 from .screenings import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY, answer, upload_photograph
 
@@ -118,6 +118,7 @@ def read_exam(patient_id, exam_id):
 
 @blp.route("/<uuid:exam_id>/images", methods=["POST"])
 @roles(*CLINICAL)
+@uploads
 @audited("screening.create", "screening")
 @limiter.limit(upload_limit)
 @blp.arguments(schemas.ExamImageUpload, location="multipart")

@@ -10,7 +10,8 @@ from control_api.models import ApiKey
 from tests.plugins.api import bearer, image_bytes, upload
 
 PUBLIC_ENDPOINTS = {"health.healthz", "health.readyz", "health.scrape", "api-docs.openapi_json",
-                    "api-docs.openapi_swagger_ui", "console.root", "console.index", "console.asset"}
+                    "swagger_ui.page", "swagger_ui.asset",
+                    "console.root", "console.index", "console.asset"}
 ROLES = ("clinician", "admin", "auditor")
 # Who may call each endpoint. A new endpoint must be added here, deliberately.
 EXPECTED = {
@@ -22,7 +23,7 @@ EXPECTED = {
     "exams.create_exam": CLINICAL, "exams.list_exams": CLINICAL, "exams.read_exam": CLINICAL,
     "exams.add_image": CLINICAL, "exams.read_report": CLINICAL, "exams.read_fhir": CLINICAL,
     "screenings.read_explanation": CLINICAL,
-    "models.list_models": ("admin",),
+    "models.list_models": ("admin",), "health.readiness_details": ("admin",),
     "audit.list_events": ("auditor", "admin"),
 }
 
