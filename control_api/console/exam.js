@@ -264,6 +264,7 @@ export async function examView(root, patientId, examId) {
       }).then(({ status: code, body }) => {
         progress.value = 100;
         item.classList.add("done");
+        if (body && body.status === "ungradable") item.classList.add("ungradable");
         status.textContent = code === 202 ? "Stored; grading pending."
           : body && body.status === "ungradable" ? "Stored; it could not be graded (see the eye's result)."
           : "Stored and graded.";
