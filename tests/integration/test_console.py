@@ -426,3 +426,35 @@ def test_admin_sees_model_versions_and_auditor_the_trail(console, stack, keys):
     expect(page.get_by_role("cell", name="patient.create").first).to_be_visible()
     c.axe("audit")
     c.shot("audit")
+
+
+def test_a_pending_photograph_becomes_a_result_without_a_reload(browser, make_stack):
+    """TorchServe unreachable from the API: the upload is stored and pending (202), the page says
+    so and keeps asking; once `flask grade-pending` grades it, the result appears by itself."""
+    from scripts.serving.processes import flask_cli, free_port
+
+    offline = make_stack(api_env={"TORCHSERVE_INFERENCE_URL": f"http://127.0.0.1:{free_port()}"}, name="offline")
+    key = offline.key("clinician")["Authorization"].split(" ", 1)[1]
+    c = Console(browser, offline, "pending_photograph")
+    try:
+        c.sign_in(key)
+        expect(c.page.get_by_role("heading", name="Patients")).to_be_visible()
+        pid, exam_id = new_visit(c, key, "Pending Example")
+        add_photos(c, "right", "Disc-centred", [sorted(SAMPLES.glob("*.jpg"))[4]])
+        expect(c.page.locator("li.upload .upload-status")).to_have_text("Stored; grading pending.")
+        exam = api(offline, key, "GET", f"/patients/{pid}/exams/{exam_id}").json()
+        assert exam["outcome"] == "pending"
+        expect(c.page.locator(".outcome")).to_have_text(exam["message"])
+        expect(c.page.locator("section[data-eye=right] .eye-status")).to_have_text("Grading in progress")
+        c.axe("pending")
+        c.shot("pending")
+
+        graded = flask_cli({**offline.env, **offline.torchserve.settings_env()}, "grade-pending")
+        assert graded.returncode == 0, graded.stderr
+        expect(c.page.locator("section[data-eye=right] .eye-status")).not_to_have_text("Grading in progress")
+        exam = api(offline, key, "GET", f"/patients/{pid}/exams/{exam_id}").json()
+        assert exam["outcome"] != "pending"
+        expect(c.page.locator(".outcome")).to_have_text(exam["message"])
+        c.shot("graded-later")
+    finally:
+        c.close()
