@@ -31,6 +31,7 @@ export async function examView(root, patientId, examId) {
   let stopped = false;
   let timer = null;
   const blobs = new Map(); // API path -> object URL, revoked when the view is left
+  const awaiting = new Map(); // photograph id -> its upload's status line, while grading is pending
 
   async function objectUrl(path) {
     if (!blobs.has(path)) blobs.set(path, getBlob(path).then((b) => URL.createObjectURL(b)));
@@ -158,6 +159,7 @@ export async function examView(root, patientId, examId) {
         return;
       }
       if (!show.checked) return;
+      overlayNote.textContent = "Loading the overlay…";
       try {
         const url = await objectUrl(`/patients/${patientId}/screenings/${image.id}/explanation`);
         const img = new Image();
@@ -166,6 +168,7 @@ export async function examView(root, patientId, examId) {
         try { await photo.decode(); } catch { /* not shown (e.g. TIFF): the overlay alone */ }
         if (!selected || selected.id !== image.id) return;
         draw(img);
+        overlayNote.textContent = "";
       } catch (error) {
         if (error.status === 401 || !selected || selected.id !== image.id) return;
         overlayNote.textContent = `No overlay: ${describe(error)}`;
@@ -265,6 +268,7 @@ export async function examView(root, patientId, examId) {
         progress.value = 100;
         item.classList.add("done");
         if (body && body.status === "ungradable") item.classList.add("ungradable");
+        if (code === 202 && body && body.id) awaiting.set(body.id, { item, status });
         status.textContent = code === 202 ? "Stored; grading pending."
           : body && body.status === "ungradable" ? "Stored; it could not be graded (see the eye's result)."
           : "Stored and graded.";
@@ -285,6 +289,14 @@ export async function examView(root, patientId, examId) {
   }
 
   function render() {
+    for (const image of exam.images) {
+      const upload = awaiting.get(image.id);
+      if (!upload || image.status === "pending") continue;
+      awaiting.delete(image.id);
+      upload.status.textContent = image.status === "graded" ? "Graded."
+        : image.status === "ungradable" ? "It could not be graded (see the eye's result)." : `Grading ${image.status}.`;
+      if (image.status !== "graded") upload.item.classList.add("ungradable");
+    }
     renderSummary();
     for (const [eye] of EYES) panels[eye].render();
     clearTimeout(timer);

@@ -452,6 +452,7 @@ def test_a_pending_photograph_becomes_a_result_without_a_reload(browser, make_st
         graded = flask_cli({**offline.env, **offline.torchserve.settings_env()}, "grade-pending")
         assert graded.returncode == 0, graded.stderr
         expect(c.page.locator("section[data-eye=right] .eye-status")).not_to_have_text("Grading in progress")
+        expect(c.page.locator("li.upload .upload-status")).not_to_have_text("Stored; grading pending.")
         exam = api(offline, key, "GET", f"/patients/{pid}/exams/{exam_id}").json()
         assert exam["outcome"] != "pending"
         expect(c.page.locator(".outcome")).to_have_text(exam["message"])
