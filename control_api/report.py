@@ -164,8 +164,8 @@ def _eye_section(eye: str, result, s) -> list:
             s["small"])]
     layout = Table([[thumbs, right]], colWidths=[84 * mm, 96 * mm], hAlign="LEFT")
     layout.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("LEFTPADDING", (0, 0), (-1, -1), 0)]))
-    parts.append(KeepTogether([Spacer(1, 1 * mm), layout]))
-    return parts
+    parts += [Spacer(1, 1 * mm), layout]
+    return [KeepTogether(parts)]  # an eye's heading never sits apart from its photographs
 
 
 def _banner(text: str, s) -> Table:

@@ -104,7 +104,7 @@ def test_reconcile_dry_run_then_apply(app, client, clinician, patient):
 
 
 def test_migrate_reports_versions(api_settings, fake_torchserve):
-    from control_api import create_app
+    from control_api import create_app, migrations
 
     app = create_app(api_settings, torchserve=fake_torchserve)
     runner = app.test_cli_runner()
