@@ -233,6 +233,12 @@ class ScreeningUpload(ExamImageUpload):
                                                    "without it the photograph opens an exam of its own"})
 
 
+class ImageArgs(Schema):
+    redirect = fields.Boolean(load_default=True, metadata={"description": (
+        "false: the API sends the bytes itself instead of redirecting to a presigned S3 URL "
+        "(for a page whose Content-Security-Policy allows only the API's origin)")})
+
+
 class GradeRequest(Schema):
     model_version = fields.String(validate=MODEL_VERSION, metadata={
         "description": "a registered version (admin only); the default version when left out"})

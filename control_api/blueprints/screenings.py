@@ -282,12 +282,13 @@ def read_screening(patient_id, screening_id):
 @blp.route("/<uuid:screening_id>/image", methods=["GET"])
 @roles(*CLINICAL)
 @audited("screening.image.read", "screening")
-@blp.response(200, content_type="image/*", description="The original bytes (local storage)")
+@blp.response(200, content_type="image/*", description="The original bytes (local storage, or redirect=false)")
 @blp.alt_response(302, description="Redirect to a short-lived presigned URL (S3 storage)")
-def read_image(patient_id, screening_id):
+@blp.arguments(schemas.ImageArgs, location="query")
+def read_image(args, patient_id, screening_id):
     screening = get_screening(patient_id, screening_id)
     storage = get_storage()
-    url = storage.download_url(screening.image_key, content_type=screening.content_type)
+    url = storage.download_url(screening.image_key, content_type=screening.content_type) if args["redirect"] else None
     if url:
         return redirect(url, 302)
     with metrics.STORAGE_SECONDS.labels(storage.name, "get").time():

@@ -88,6 +88,7 @@ def _banner(api_url: str, env: dict, dicom: DicomReceiver) -> str:
     return f"""
 ================================================================================
  Clarity in Care is running (Ctrl-C stops everything)
+   Console      {api_url}/console/   (sign in with the key of step 1)
    API          {api_url}          docs: {api_url}/api/v1/docs
    TorchServe   http://127.0.0.1:8080 (inference), :8081 (management), :8082/metrics
    DICOM        AE title CLARITY on 127.0.0.1:{dicom.port}, health and metrics on :{dicom.health_port}
@@ -96,7 +97,8 @@ def _banner(api_url: str, env: dict, dicom: DicomReceiver) -> str:
 
  1. Make an API key (shown once):
     {env_prefix}.venv/bin/flask --app control_api keys create --role clinician --label demo
- 2. Grade the sample photograph shipped in samples/:
+ 2. Open the console, paste the key, create a patient, start a visit and drop
+    samples/right_normal_600.jpg on the right eye. Or with curl:
     KEY=<the key>
     PATIENT=$(curl -s -X POST {api_url}/api/v1/patients -H "Authorization: Bearer $KEY" \\
       -H 'Content-Type: application/json' -d '{{"name": "Test Patient", "birth_date": "1960-01-01"}}' \\
