@@ -154,7 +154,7 @@ def create_screening(form, patient_id):
                                         "bytes": len(data), "content_type": info.content_type})
 
     try:
-        grade(get_client(), screening, data)
+        grade(get_client(), screening, data, use_cache=True)
     except (TorchServeUnavailable, UnknownModelVersion) as exc:
         # No model read the bytes, so check them here: an undecodable image is never kept pending.
         try:
