@@ -134,6 +134,13 @@ def measure(args, photo: bytes, ts: TorchServe, plain: Gunicorn, timed: Gunicorn
         assert r.status_code == 201, (r.status_code, r.text[:300])
         return (time.perf_counter() - start) * 1000
 
+    def upload_bytes(session, url, data):
+        start = time.perf_counter()
+        r = session.post(url, headers=headers, timeout=60,
+                         files={"image": ("eye.jpg", data, "image/jpeg")}, data={"eye": "left"})
+        assert r.status_code == 201, (r.status_code, r.text[:300])
+        return (time.perf_counter() - start) * 1000
+
     def predict(i):
         start = time.perf_counter()
         r = direct.post(predict_url, data=unique(photo, i), headers={"Content-Type": "image/jpeg"}, timeout=60)
@@ -147,6 +154,15 @@ def measure(args, photo: bytes, ts: TorchServe, plain: Gunicorn, timed: Gunicorn
         ts_ms.append(predict(1000 + i))
         api_ms.append(upload(api, upload_url, 1000 + i))
         fresh_ms.append(upload(requests, upload_url, 5000 + i))  # a new connection per upload
+    load.append(os.getloadavg())
+    # Re-sends: the same bytes again (the result cache) against new bytes, interleaved.
+    same = unique(photo, 777)
+    upload_same = lambda: upload_bytes(api, upload_url, same)
+    upload_same()
+    resend_ms, new_ms = [], []
+    for i in range(args.n):
+        resend_ms.append(upload_same())
+        new_ms.append(upload(api, upload_url, 20000 + i))
     load.append(os.getloadavg())
 
     headers2, patient2 = key_and_patient(env, timed.url)
@@ -177,6 +193,8 @@ def measure(args, photo: bytes, ts: TorchServe, plain: Gunicorn, timed: Gunicorn
             "api_added_p50_ms": p50([a - t for a, t in zip(api_ms, ts_ms)]),
             "throughput_ratio_api_over_torchserve": round(statistics.median(ts_ms) / statistics.median(api_ms), 3),
         },
+        "resend_concurrency_1": {"resend_p50_ms": p50(resend_ms), "new_bytes_p50_ms": p50(new_ms),
+                                 "speedup": round(statistics.median(new_ms) / statistics.median(resend_ms), 2)},
         "inside_worker_p50_ms": {"total": p50([u["total_ms"] for u in plain_uploads]),
                                  "steps": dict(sorted(phases.items(), key=lambda kv: -kv[1]))},
         "load_average_1_5_15": [[round(x, 2) for x in row] for row in load],
