@@ -35,15 +35,19 @@ class Eager:
 
 
 class OnnxRuntime:
-    """An ONNX Runtime CPU session with `threads` intra-op threads and no inter-op pool."""
+    """An ONNX Runtime session with `threads` intra-op threads and no inter-op pool; on the CPU,
+    or on CUDA device `gpu` (that needs the onnxruntime-gpu package instead of onnxruntime)."""
 
-    def __init__(self, path: Path, threads: int, name: str = "onnx"):
+    def __init__(self, path: Path, threads: int, name: str = "onnx", gpu: int | None = None):
         import onnxruntime as ort  # only archives that ask for it need the package loaded
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, int(threads))
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
+        if gpu is not None:
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(gpu)}))
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.name = name
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -52,16 +56,25 @@ class OnnxRuntime:
 
 
 def load(meta: dict, model_dir: Path, model: torch.nn.Module, device: torch.device, threads: int):
-    """The engine model_meta.json names; on a GPU the eager network (ONNX here is CPU-only)."""
+    """The engine model_meta.json names. On a GPU, ONNX Runtime only where its CUDA provider
+    is installed (onnxruntime-gpu), else the eager network."""
     spec = meta.get("engine") or {"name": "eager"}
-    if spec["name"] == "eager" or device.type != "cpu":
+    if spec["name"] == "eager":
         return Eager(model)
     if spec["name"] not in ENGINES:
         raise ValueError(f"unknown engine {spec['name']!r}; choose one of {', '.join(ENGINES)}")
+    gpu = device.index if device.type == "cuda" else None
+    if device.type == "cuda" and not _cuda_provider():
+        return Eager(model)
     path = Path(model_dir) / spec["file"]
     if spec.get("sha256") and sha256(path) != spec["sha256"]:
         raise ValueError(f"{path.name} does not match the SHA-256 in model_meta.json")
-    return OnnxRuntime(path, threads, spec["name"])
+    return OnnxRuntime(path, threads, spec["name"], gpu=gpu)
+
+
+def _cuda_provider() -> bool:
+    import onnxruntime as ort
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def sha256(path: Path) -> str:

@@ -42,7 +42,7 @@ def test_meta_selects_the_engine_and_checks_its_hash(tiny, tmp_path):
     assert engines.load({}, tmp_path, model, cpu, 1).name == "eager"
     spec = {"name": "onnx", "file": path.name, "sha256": engines.sha256(path)}
     assert engines.load({"engine": spec}, path.parent, model, cpu, 1).name == "onnx"
-    # ONNX Runtime is used on CPU only: a GPU worker keeps the eager network.
+    # Without onnxruntime-gpu (this machine), a GPU worker keeps the eager network.
     assert engines.load({"engine": spec}, path.parent, model, torch.device("cuda:0"), 1).name == "eager"
     with pytest.raises(ValueError, match="SHA-256"):
         engines.load({"engine": {**spec, "sha256": "0" * 64}}, path.parent, model, cpu, 1)
