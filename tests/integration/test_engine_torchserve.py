@@ -28,9 +28,9 @@ def onnx_model(torchserve, model_store, tiny_checkpoint):
         (model_store / "dronnx_1.0.md").unlink(missing_ok=True)
 
 
-def predict(torchserve, name, data, **headers):
-    r = requests.post(f"{torchserve.inference_url}/predictions/{name}", data=data, timeout=60,
-                      headers={"Content-Type": "image/jpeg", **headers})
+def predict(torchserve, name, data, route="predictions"):
+    r = requests.post(f"{torchserve.inference_url}/{route}/{name}", data=data, timeout=60,
+                      headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -48,5 +48,5 @@ def test_onnx_archive_answers_like_the_eager_one(torchserve, onnx_model, sample_
 
 
 def test_onnx_archive_still_explains(torchserve, onnx_model, sample_paths):
-    answer = predict(torchserve, onnx_model, sample_paths[0].read_bytes(), explain="true")
+    answer = predict(torchserve, onnx_model, sample_paths[0].read_bytes(), route="explanations")
     assert answer["explanation"]["method"] == "grad-cam"
