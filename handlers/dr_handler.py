@@ -28,10 +28,10 @@ try:
     import engine
     import fundus
     import gradcam
-    from model import DRNet
+    from network import DRNet
 except ImportError:
     from handlers import engine, fundus, gradcam
-    from handlers.model import DRNet
+    from handlers.network import DRNet
 
 logger = logging.getLogger(__name__)
 

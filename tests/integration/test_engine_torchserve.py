@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from scripts import archive
+from scripts.ml import archive
 
 pytestmark = pytest.mark.integration
 

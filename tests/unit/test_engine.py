@@ -10,9 +10,9 @@ import torch
 
 from handlers import dr_handler
 from handlers import engine as engines
-from handlers.model import DRNet
-from scripts import archive
-from tests.test_handler import make_context
+from handlers.network import DRNet
+from scripts.ml import archive
+from tests.unit.test_handler import make_context
 
 SIZE = 96
 
