@@ -131,7 +131,14 @@ def upgrade_v1_to_v2(database) -> None:
         database.execute_sql(sql)
 
 
-STEPS = {1: create_v1, 2: upgrade_v1_to_v2}
+def upgrade_v2_to_v3(database) -> None:
+    """Counted grading attempts (a screening fails after grading.MAX_ATTEMPTS). One ALTER with a
+    constant default: no table rewrite on PostgreSQL 11+, and on SQLite no table rebuild (which
+    playhouse's NOT NULL step would do, and whose DROP TABLE cascades to the gradings)."""
+    database.execute_sql("ALTER TABLE screening ADD COLUMN grading_attempts INTEGER NOT NULL DEFAULT 0")
+
+
+STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3}
 LATEST = max(STEPS)
 
 
@@ -168,3 +175,9 @@ def _lock_args(database) -> tuple:
 def _lock(database) -> None:
     if isinstance(database, PostgresqlDatabase):
         database.execute_sql("SELECT pg_advisory_xact_lock(727001)")
+        # A step waiting for a table lock behind a long transaction would queue every request
+        # behind itself: give up after a few seconds instead (rerun `flask migrate`). New index
+        # steps on large tables belong in steps of their own with CREATE INDEX CONCURRENTLY,
+        # which cannot run inside this transaction (docs/deployment.md).
+        database.execute_sql("SET LOCAL lock_timeout = '5s'")
+        database.execute_sql("SET LOCAL statement_timeout = 0")  # the API's per-statement limit is not for steps

@@ -74,6 +74,8 @@ class Screening(BaseModel):
     idempotency_key = CharField(max_length=255, null=True)
     request_fingerprint = CharField(max_length=64, null=True)  # sha256 of what the upload asked for
     grading_started_at = DateTimeField(null=True)  # lease: who is asking TorchServe right now
+    # Added in schema v3: attempts TorchServe was reached but did not grade (grading.py).
+    grading_attempts = IntegerField(default=0)
 
     def history(self) -> list["Grading"]:
         return list(self.gradings.order_by(Grading.created_at.desc(), Grading.id.desc()))

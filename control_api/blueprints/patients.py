@@ -12,6 +12,7 @@ from ..db import db
 from ..errors import ApiError
 from ..models import Grading, Patient, Screening, utcnow
 from ..pagination import page
+from ..ratelimit import delete_limit, limiter
 from ..storage import get_storage
 from . import Blueprint
 
@@ -90,6 +91,7 @@ def update_patient(data, patient_id):
 @blp.route("/<uuid:patient_id>", methods=["DELETE"])
 @roles(*CLINICAL)
 @audited("patient.delete", "patient")
+@limiter.limit(delete_limit)
 @blp.response(204)
 def delete_patient(patient_id):
     """Delete the patient, their screenings, gradings and images. Audit events stay (they hold

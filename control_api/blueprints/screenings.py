@@ -24,13 +24,13 @@ from ..audit import audited, target
 from ..auth import ADMIN, CLINICAL, require_role, roles
 from ..db import db
 from ..errors import RETRY_AFTER_SECONDS, ApiError
-from ..grading import grade, release
+from ..grading import failed_attempt, grade, release
 from ..models import Grading, Screening, utcnow
 from ..pagination import page
-from ..ratelimit import limiter, upload_limit
+from ..ratelimit import limiter, regrade_limit, upload_limit
 from ..storage import get_storage, screening_key, sha256_hex
 from ..torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client
-from . import Blueprint
+from . import Blueprint, uploads
 from .patients import get_patient
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def _delete_object(key: str) -> None:
 
 @blp.route("", methods=["POST"])
 @roles(*CLINICAL)
+@uploads
 @audited("screening.create", "screening")
 @limiter.limit(upload_limit)
 @blp.arguments(schemas.ScreeningUpload, location="multipart")
@@ -162,7 +163,10 @@ def create_screening(form, patient_id):
         except ApiError:
             _discard(screening)
             raise
-        release(screening)
+        if getattr(exc, "reached", False):
+            failed_attempt(screening)  # TorchServe took it and did not grade it: counted
+        else:
+            release(screening)
         metrics.SCREENINGS.labels("pending").inc()
         log.warning("grading deferred", extra={"screening_id": str(screening.id), "reason": str(exc)})
     except ImageRejected as exc:
@@ -226,6 +230,7 @@ def read_image(patient_id, screening_id):
 @blp.route("/<uuid:screening_id>/grade", methods=["POST"])
 @roles(*CLINICAL)
 @audited("screening.grade", "screening")
+@limiter.limit(regrade_limit)
 @blp.arguments(schemas.GradeRequest, required=False)
 @blp.response(201, schemas.Screening)
 def regrade(args, patient_id, screening_id):
