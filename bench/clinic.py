@@ -168,7 +168,10 @@ def main(argv=None) -> int:
         mar = bench_inputs.archive_for(ck_path, ck_sha, DEFAULTS)
         with systems.torchserve(tmp / "ts", mar, DEFAULTS, sampler) as ts:
             for backend in args.backends:
-                with systems.api(tmp / f"api-{backend}", ts, backend, photos[:1], sampler) as api:
+                # The API's own defaults (control_api/settings.py): min(2 x cores + 1, 8) workers
+                # of 4 threads, at most threads - 1 predictions in flight per worker.
+                workers = min(2 * (os.cpu_count() or 1) + 1, 8)
+                with systems.api(tmp / f"api-{backend}", ts, backend, photos[:1], sampler, workers=workers) as api:
                     for c in args.concurrency:
                         for fresh in (False, True):
                             conn = "fresh connection" if fresh else "keep-alive"
