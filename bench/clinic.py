@@ -7,6 +7,8 @@ concurrency for every system, the cells of a comparison interleaved round by rou
   kept-alive connection and on a fresh connection per request, on SQLite + local storage and on
   PostgreSQL + SeaweedFS S3. Every upload's bytes are unique (a trailer after the JPEG end
   marker) so the result cache never answers; the ratio is taken per round, the median reported.
+- before/after: the API as it is against bench/sequential_app.py (the upload path before issue
+  14's changes), same backend and inputs, interleaved.
 - re-send: the same bytes again (the result cache) against new bytes, through the API.
 - naive: what a clinic's developer writes first: Flask with the model in-process, the whole JPEG
   decoded and resized (no disc crop, no quality gate), one sync gunicorn worker per core.
@@ -81,11 +83,12 @@ def cell(label: str, send, concurrency: int, n: int, ok=(200,)) -> dict:
     return {"label": label, **r.to_dict(), "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
-def paired(a_label, a_send, b_label, b_send, concurrency, args, ok_b=(201,)) -> dict:
+def paired(a_label, a_send, b_label, b_send, concurrency, args, ok_b=(201,), ok_a=None) -> dict:
     """A and B interleaved round by round; B's throughput over A's per round, median and range."""
+    ok_a = ok_a or ((201,) if "api" in a_label else (200,))
     rounds = []
     for _ in range(args.rounds):
-        rounds.append((cell(a_label, a_send, concurrency, args.requests),
+        rounds.append((cell(a_label, a_send, concurrency, args.requests, ok=ok_a),
                        cell(b_label, b_send, concurrency, args.requests, ok=ok_b)))
     ratios = [b["throughput_rps"] / a["throughput_rps"] for a, b in rounds if a["throughput_rps"]]
     added = [b["p50_ms"] - a["p50_ms"] for a, b in rounds if "p50_ms" in a and "p50_ms" in b]
@@ -161,7 +164,7 @@ def main(argv=None) -> int:
               "plan": {"requests_per_cell": args.requests, "rounds": args.rounds,
                        "concurrency": args.concurrency, "backends": args.backends,
                        "torchserve": DEFAULTS.to_dict()},
-              "api_vs_torchserve": [], "resend": [], "naive": [], "engines": []}
+              "api_vs_torchserve": [], "before_after": [], "resend": [], "naive": [], "engines": []}
     sampler = MemorySampler()
     with tempfile.TemporaryDirectory(prefix="clarity-clinic-") as tmp:
         tmp = Path(tmp)
@@ -179,6 +182,15 @@ def main(argv=None) -> int:
                                          f"api {backend}, {conn}", upload_sender(api, datas, fresh), c, args)
                             row.update(backend=backend, connection=conn)
                             report["api_vs_torchserve"].append(row)
+                            print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
+                    # Before/after issue 14's upload changes, same backend, same run.
+                    with systems.api(tmp / f"before-{backend}", ts, backend, photos[:1], sampler, workers=workers,
+                                     app="bench.sequential_app:app", label=f"api {backend} before") as before:
+                        for c in args.concurrency:
+                            row = paired(f"api {backend} before (bench/sequential_app.py)", upload_sender(before, datas, False),
+                                         f"api {backend}", upload_sender(api, datas, False), c, args, ok_b=(201,))
+                            row.update(backend=backend)
+                            report["before_after"].append(row)
                             print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
                     if backend == "embedded":
                         for c in args.concurrency:
@@ -259,7 +271,16 @@ def markdown(r: dict) -> str:
         lines.append(f"| {row['backend']} | {row['connection']} | {row['concurrency']} | {rps(row, 'a')} | {rps(row, 'b')} | "
                      f"{row['throughput_ratio_b_over_a']} ({row['ratio_range'][0]}-{row['ratio_range'][1]}) | "
                      f"{p50(row, 'a')} | {p50(row, 'b')} | {row['added_p50_ms']} |")
-    lines += ["", "Targets (issue 14): API / TorchServe >= 0.85 and added p50 <= 10 ms.", "",
+    lines += ["", "Targets (issue 14): API / TorchServe >= 0.85 and added p50 <= 10 ms. A cell's errors (e.g. 202",
+              "pending answers, which are not counted as throughput) are in clinic.json.", "",
+              "## Before/after the upload changes (keep-alive)", "",
+              "| backend | concurrency | before req/s | after req/s | after / before (range) | before p50 ms | after p50 ms |",
+              "|---|---|---|---|---|---|---|"]
+    for row in r["before_after"]:
+        lines.append(f"| {row['backend']} | {row['concurrency']} | {rps(row, 'a')} | {rps(row, 'b')} | "
+                     f"{row['throughput_ratio_b_over_a']} ({row['ratio_range'][0]}-{row['ratio_range'][1]}) | "
+                     f"{p50(row, 'a')} | {p50(row, 'b')} |")
+    lines += ["",
               "## Re-send (result cache), embedded backend, keep-alive", "",
               "| concurrency | new bytes req/s | same bytes req/s | speed-up | new p50 ms | same p50 ms |", "|---|---|---|---|---|---|"]
     for row in r["resend"]:

@@ -15,10 +15,17 @@ default model version already graded, gets a copy of that grading without infere
 is the grading table itself; its key is (patient, image SHA-256, model name, model version), so
 promoting or rolling back the default changes the key and nothing needs deleting. Re-grades
 always run the model.
+
+An upload asks TorchServe early (`ask_early`): the prediction runs in a background thread while
+the view stores the object and writes the row, so their time hides behind inference. The answer
+still waits for all three, so a 201 means what it meant: object stored, row and grading committed.
 """
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
 from peewee import Case, fn
@@ -74,10 +81,31 @@ def cached(client: TorchServeClient, screening: Screening) -> Grading | None:
             .order_by(Grading.created_at.desc(), Grading.id.desc()).first())
 
 
+_early: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked worker makes its own
+_early_lock = threading.Lock()
+
+
+def ask_early(client: TorchServeClient, screening: Screening, image: bytes) -> Future | None:
+    """Start the prediction of an upload now, in the background; None when the result cache
+    will answer (nothing to ask). Pass the future to grade(early=...)."""
+    global _early
+    if cached(client, screening) is not None:
+        return None
+    with _early_lock:
+        if _early is None or _early[0] != os.getpid():
+            # predict() admits at most max_in_flight at once and answers the rest "busy" at once.
+            _early = (os.getpid(), ThreadPoolExecutor(max_workers=16, thread_name_prefix="predict"))
+    return _early[1].submit(client.predict, image, screening.content_type)
+
+
 def grade(client: TorchServeClient, screening: Screening, image: bytes, version: str | None = None,
-          *, use_cache: bool = False) -> Grading:
-    """Run the model on `image` (or, with use_cache, reuse an identical result) and store the
-    grading. TorchServe's exceptions pass through untouched, with nothing written."""
+          *, use_cache: bool = False, early: Future | None = None) -> Grading:
+    """Run the model on `image` (or, with use_cache, reuse an identical result; or take the
+    answer of `early`) and store the grading. TorchServe's exceptions pass through untouched,
+    with nothing written."""
+    if early is not None:
+        metrics.RESULT_CACHE.labels("miss").inc()
+        return _store(screening, client, early.result(), version)
     earlier = cached(client, screening) if use_cache and version is None else None
     if earlier is not None:
         metrics.RESULT_CACHE.labels("hit").inc()

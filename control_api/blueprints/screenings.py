@@ -24,7 +24,7 @@ from ..audit import audited, target
 from ..auth import ADMIN, CLINICAL, require_role, roles
 from ..db import db
 from ..errors import RETRY_AFTER_SECONDS, ApiError
-from ..grading import failed_attempt, grade, release
+from ..grading import ask_early, failed_attempt, grade, release
 from ..models import Grading, Screening, utcnow
 from ..pagination import page
 from ..ratelimit import limiter, regrade_limit, upload_limit
@@ -133,6 +133,7 @@ def create_screening(form, patient_id):
         image_sha256=sha256, content_type=info.content_type, status="pending",
         created_by=g.api_key.id, idempotency_key=idempotency_key, request_fingerprint=fingerprint,
         grading_started_at=utcnow())
+    early = ask_early(get_client(), screening, data)  # inference runs while the upload is stored
     storage = get_storage()
     with metrics.STORAGE_SECONDS.labels(storage.name, "put").time():
         storage.put(screening.image_key, data, content_type=info.content_type, sha256=sha256)
@@ -155,7 +156,7 @@ def create_screening(form, patient_id):
                                         "bytes": len(data), "content_type": info.content_type})
 
     try:
-        grade(get_client(), screening, data, use_cache=True)
+        grade(get_client(), screening, data, use_cache=True, early=early)
     except (TorchServeUnavailable, UnknownModelVersion) as exc:
         # No model read the bytes, so check them here: an undecodable image is never kept pending.
         try:
