@@ -9,6 +9,7 @@ recorded by pyinstrument into DIR/pyinstrument-<n>.txt. Nothing here changes wha
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import logging
@@ -65,6 +66,9 @@ _patch(storage.S3Storage, "put", "image write")
 _patch(peewee.Database, "commit", "db commit")
 _patch(peewee.Database, "execute_sql", "db statements")
 _patch(torchserve.TorchServeClient, "predict", "torchserve call")
+# Since issue 14 the upload asks TorchServe in a background thread: what the request itself
+# spends on it is the wait for that answer.
+_patch(concurrent.futures.Future, "result", "torchserve call")
 _patch(audit, "record", "audit row")  # before create_app registers it
 _patch(auth, "authenticate", "auth")
 _patch(logging.Logger, "handle", "logging")
