@@ -17,7 +17,7 @@ from . import audit, auth, cli, errors, keepalive, logs, metrics, ratelimit, sch
 from . import storage as storage_mod
 from . import torchserve as torchserve_mod
 from .blueprints import audit as audit_bp
-from .blueprints import docs, health, patients, screenings, versions
+from .blueprints import docs, exams, health, patients, screenings, versions
 from .db import bind, db
 from .settings import Settings
 
@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
 
     api = Api(app)
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
-    for blueprint in (health.blp, patients.blp, screenings.blp, versions.blp, audit_bp.blp):
+    for blueprint in (health.blp, patients.blp, exams.blp, screenings.blp, versions.blp, audit_bp.blp):
         api.register_blueprint(blueprint)
     app.register_blueprint(docs.bp)  # not an API resource: left out of the OpenAPI document
     errors.register(app)

@@ -138,7 +138,58 @@ def upgrade_v2_to_v3(database) -> None:
     database.execute_sql("ALTER TABLE screening ADD COLUMN grading_attempts INTEGER NOT NULL DEFAULT 0")
 
 
-STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3}
+def _v4_exam_model(database, v1: dict):
+    """The exam table as schema v4 created it."""
+
+    class Exam(Model):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        patient = ForeignKeyField(v1["Patient"], backref="exams", on_delete="CASCADE")
+        performed_at = DateTimeField(default=utcnow)
+        accession_number = CharField(max_length=64, null=True)
+        created_at = DateTimeField(default=utcnow)
+        created_by = ForeignKeyField(v1["ApiKey"], null=True, on_delete="SET NULL")
+        idempotency_key = CharField(max_length=255, null=True)
+        request_fingerprint = CharField(max_length=64, null=True)
+
+        class Meta:
+            database = None
+            table_name = "exam"
+
+    database.bind([Exam], bind_refs=False, bind_backrefs=False)
+    return Exam
+
+
+def upgrade_v3_to_v4(database) -> None:
+    """Exams (visits): every photograph belongs to one, and has a field (disc/macula/other).
+
+    Each existing screening gets an exam of its own with the screening's id as the exam's id
+    (ids of different tables never meet), so one INSERT ... SELECT and one UPDATE move any
+    amount of data. Its time is when the photograph was taken, else when it was uploaded."""
+    v1 = _v1_models(database)
+    exam = _v4_exam_model(database, v1)
+    database.create_tables([exam])
+    migrator = SchemaMigrator.from_database(database)
+    apply_operations(migrator.add_column("screening", "exam_id", ForeignKeyField(
+        exam, field=exam.id, null=True, on_delete="CASCADE")))
+    # One statement both databases take as is; playhouse's add_column of a NOT NULL column
+    # would rebuild the SQLite table (see below).
+    database.execute_sql("ALTER TABLE screening ADD COLUMN field VARCHAR(8) NOT NULL DEFAULT 'other'")
+    database.execute_sql(
+        "INSERT INTO exam (id, patient_id, performed_at, created_at, created_by_id) "
+        "SELECT id, patient_id, COALESCE(captured_at, created_at), created_at, created_by_id FROM screening")
+    database.execute_sql("UPDATE screening SET exam_id = id")
+    if isinstance(database, PostgresqlDatabase):
+        # SQLite can only add NOT NULL by rebuilding the table, and dropping the old copy
+        # fires ON DELETE CASCADE on every grading; there the code alone keeps it set.
+        apply_operations(migrator.add_not_null("screening", "exam_id"))
+    for sql in (  # add_column indexed screening.exam_id already
+        "CREATE INDEX exam_patient_performed ON exam (patient_id, performed_at DESC, id DESC)",
+        "CREATE UNIQUE INDEX exam_idempotency ON exam (created_by_id, idempotency_key)",
+    ):
+        database.execute_sql(sql)
+
+
+STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3, 4: upgrade_v3_to_v4}
 LATEST = max(STEPS)
 
 

@@ -9,7 +9,8 @@ from flask_smorest.fields import Upload
 from marshmallow import fields, validate
 from werkzeug.datastructures import FileStorage
 
-from .models import EYES, SEXES, STATUSES
+from . import codes
+from .models import EYES, FIELDS, SEXES, STATUSES
 
 MODEL_VERSION = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$",
                                 error="A model version is letters, digits, '.', '_' or '-'.")
@@ -188,7 +189,10 @@ class ImageInfo(Schema):
 class Screening(Schema):
     id = fields.UUID()
     patient_id = fields.UUID(attribute="patient_id")
+    exam_id = fields.UUID(attribute="exam_id", metadata={"description": "the exam (visit) it was taken at"})
     eye = fields.String(validate=validate.OneOf(EYES))
+    field = fields.String(validate=validate.OneOf(FIELDS), metadata={
+        "description": "disc- or macula-centred, or other"})
     captured_at = UTCDateTime(allow_none=True)
     camera = fields.String(allow_none=True)
     status = fields.String(validate=validate.OneOf(STATUSES))
@@ -218,12 +222,19 @@ class ImageFile(Upload):
         return value
 
 
-class ScreeningUpload(Schema):
+class ExamImageUpload(Schema):
     image = ImageFile(required=True, metadata={"description": "JPEG, PNG or TIFF, stored unchanged"})
     eye = fields.String(required=True, validate=validate.OneOf(EYES))
+    field = fields.String(load_default="other", validate=validate.OneOf(FIELDS),
+                          metadata={"description": "disc (disc-centred), macula (macula-centred) or other"})
     captured_at = UTCDateTime(validate=_not_future_time,
                               metadata={"description": "ISO-8601; without an offset it is taken as UTC"})
     camera = fields.String(validate=text(1, 200))
+
+
+class ScreeningUpload(ExamImageUpload):
+    exam_id = fields.UUID(metadata={"description": "an exam of this patient to add the photograph to; "
+                                                   "without it the photograph opens an exam of its own"})
 
 
 class GradeRequest(Schema):
@@ -246,10 +257,65 @@ class EyeSummary(Schema):
 
 class Summary(Schema):
     patient_id = fields.UUID()
-    outcome = fields.String(validate=validate.OneOf(("refer", "retake", "rescreen_12_months", "pending")))
+    exam_id = fields.UUID(allow_none=True, metadata={"description": "the latest exam, which the summary is of"})
+    outcome = fields.String(validate=validate.OneOf(codes.OUTCOMES))
     message = fields.String()
     eyes = fields.Dict(keys=fields.String(), values=fields.Nested(EyeSummary, allow_none=True))
     disclaimer = fields.String(allow_none=True)
+
+
+class ExamCreate(Schema):
+    performed_at = UTCDateTime(validate=_not_future_time, metadata={
+        "description": "when the visit took place (ISO-8601; default now)"})
+    accession_number = fields.String(allow_none=True, validate=text(1, 64, blank=False), metadata={
+        "description": "the clinic's visit/accession identifier; treated like a record number"})
+
+    @ma.pre_load
+    def strip(self, data, **kwargs):
+        if isinstance(data, dict) and isinstance(data.get("accession_number"), str):
+            return {**data, "accession_number": data["accession_number"].strip()}
+        return data
+
+
+class QualityReason(Schema):
+    code = fields.String()
+    message = fields.String(allow_none=True)
+
+
+class EyeResult(Schema):
+    status = fields.String(validate=validate.OneOf(("graded", "ungradable", "pending", "missing")))
+    gradable = fields.Boolean()
+    grade = fields.Integer(allow_none=True, metadata={"description": "highest ICDR grade (0-4) among its "
+                                                                     "gradable photographs"})
+    label = fields.String(allow_none=True, metadata={"description": "the grade in ICDR words"})
+    referable = fields.Boolean(allow_none=True)
+    deciding_image_id = fields.UUID(allow_none=True, metadata={"description": "the photograph that gave the grade"})
+    quality_reasons = fields.List(fields.Nested(QualityReason), metadata={
+        "description": "why its ungradable photographs failed the quality gate"})
+
+
+class Exam(Schema):
+    id = fields.UUID()
+    patient_id = fields.UUID()
+    performed_at = UTCDateTime()
+    accession_number = fields.String(allow_none=True)
+    created_at = UTCDateTime()
+    outcome = fields.String(validate=validate.OneOf(codes.OUTCOMES))
+    message = fields.String(metadata={"description": "the outcome in the words the cleared products use"})
+    eyes = fields.Dict(keys=fields.String(validate=validate.OneOf(EYES)), values=fields.Nested(EyeResult))
+    images = fields.List(fields.Nested(Screening), metadata={"description": "its photographs, oldest first"})
+    model = fields.Nested(ModelRef, allow_none=True)
+    disclaimer = fields.String(allow_none=True)
+
+
+class ExamPage(Schema):
+    items = fields.List(fields.Nested(Exam))
+    next_cursor = fields.String(allow_none=True)
+
+
+class FhirArgs(Schema):
+    include_pdf = fields.Boolean(load_default=False, metadata={
+        "description": "add the PDF report as DiagnosticReport.presentedForm"})
 
 
 class ModelVersion(Schema):

@@ -3,6 +3,7 @@
 TorchServe is archived upstream; moving to another server (e.g. one speaking the Open
 Inference Protocol) means rewriting this file and nothing else. The rest of the API sees
 `TorchServeClient.predict()` returning the prediction dict of docs/contracts.md §4,
+`explain()` returning it with a Grad-CAM explanation,
 `models()` and `ready()`, and the three exceptions below.
 """
 from __future__ import annotations
@@ -83,9 +84,18 @@ class TorchServeClient:
         self._default: tuple[str | None, float] | None = None  # (version, when read)
 
     def predict(self, image: bytes, content_type: str, version: str | None = None) -> dict:
-        url = f"{self.inference_url}/predictions/{self.model_name}" + (f"/{version}" if version else "")
+        return self._ask("predictions", image, content_type, version)
+
+    def explain(self, image: bytes, content_type: str, version: str | None = None) -> dict:
+        """The prediction plus `explanation` (Grad-CAM: `map`, `crop_box`, ...; null when the
+        image is ungradable), from TorchServe's explanations API."""
+        return self._ask("explanations", image, content_type, version)
+
+    def _ask(self, api: str, image: bytes, content_type: str, version: str | None) -> dict:
+        url = f"{self.inference_url}/{api}/{self.model_name}" + (f"/{version}" if version else "")
+        operation = "predict" if api == "predictions" else "explain"
         if self.in_flight is not None and not self.in_flight.acquire(blocking=False):
-            metrics.TORCHSERVE_SECONDS.labels("predict", "busy").observe(0)
+            metrics.TORCHSERVE_SECONDS.labels(operation, "busy").observe(0)
             raise TorchServeUnavailable("this process already waits on as many predictions as it allows")
         started = time.perf_counter()
         outcome = "error"
@@ -101,7 +111,7 @@ class TorchServeClient:
             outcome = "unreachable"
             raise TorchServeUnavailable("TorchServe is unreachable") from None
         finally:
-            metrics.TORCHSERVE_SECONDS.labels("predict", outcome).observe(time.perf_counter() - started)
+            metrics.TORCHSERVE_SECONDS.labels(operation, outcome).observe(time.perf_counter() - started)
             if self.in_flight is not None:
                 self.in_flight.release()
 

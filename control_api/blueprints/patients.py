@@ -10,7 +10,7 @@ from ..audit import audited, target
 from ..auth import CLINICAL, roles
 from ..db import db
 from ..errors import ApiError
-from ..models import Grading, Patient, Screening, utcnow
+from ..models import Exam, Grading, Patient, Screening, utcnow
 from ..pagination import page
 from ..ratelimit import delete_limit, limiter
 from ..storage import get_storage
@@ -107,6 +107,7 @@ def delete_patient(patient_id):
         if ids:
             Grading.delete().where(Grading.screening.in_(ids)).execute()
             Screening.delete().where(Screening.id.in_(ids)).execute()
+        Exam.delete().where(Exam.patient == patient).execute()
         patient.delete_instance()
     log.info("patient deleted", extra={"patient_id": str(patient_id), "screenings": len(ids)})
     return None
@@ -117,5 +118,5 @@ def delete_patient(patient_id):
 @audited("patient.summary.read", "patient")
 @blp.response(200, schemas.Summary)
 def patient_summary(patient_id):
-    """Outcome of the latest photograph of each eye: refer, retake, rescreen_12_months or pending."""
+    """Outcome of the latest exam: refer, retake, rescreen_12_months or pending."""
     return summary.for_patient(get_patient(patient_id))

@@ -19,6 +19,9 @@ EXPECTED = {
     "patients.delete_patient": CLINICAL, "patients.patient_summary": CLINICAL,
     "screenings.create_screening": CLINICAL, "screenings.list_screenings": CLINICAL,
     "screenings.read_screening": CLINICAL, "screenings.read_image": CLINICAL, "screenings.regrade": CLINICAL,
+    "exams.create_exam": CLINICAL, "exams.list_exams": CLINICAL, "exams.read_exam": CLINICAL,
+    "exams.add_image": CLINICAL, "exams.read_report": CLINICAL, "exams.read_fhir": CLINICAL,
+    "screenings.read_explanation": CLINICAL,
     "models.list_models": ("admin",), "health.readiness_details": ("admin",),
     "audit.list_events": ("auditor", "admin"),
 }
