@@ -1,6 +1,8 @@
 """Screenings: upload a photograph of one eye, list, read, download the image, re-grade.
 
-Upload order: validate -> store the object -> write the row -> ask TorchServe.
+Upload order: validate -> ask TorchServe (in the background) -> store the object -> await the
+answer -> write the row -> store the grading; all rows and the audit row commit together.
+No database lock is held while the model works (see _fresh_transaction).
 - storage fails: nothing was written (503);
 - the row fails: the object is deleted again;
 - TorchServe down or slow: the screening stays `pending` (202 + Retry-After) for
@@ -15,6 +17,7 @@ import json
 import logging
 import re
 import uuid
+from concurrent import futures
 
 import peewee
 from flask import Response, current_app, g, redirect, request
@@ -147,6 +150,9 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
     storage = get_storage()
     with metrics.STORAGE_SECONDS.labels(storage.name, "put").time():
         storage.put(screening.image_key, data, content_type=info.content_type, sha256=sha256)
+    if early is not None:
+        futures.wait([early])  # its answer or its exception; grade() below takes it
+    _fresh_transaction()
     try:
         with db.atomic():
             if new_exam is not None:
@@ -188,6 +194,18 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
         metrics.SCREENINGS.labels("rejected").inc()
         raise ApiError(422, exc.code, exc.message) from None
     return screening, False
+
+
+def _fresh_transaction() -> None:
+    """Commit the view's transaction so far (only reads) and begin another before the first write.
+
+    The view runs in one transaction (audit.audited). Its reads began a snapshot before the
+    model was asked; on SQLite a snapshot that another upload has written past since cannot
+    become a write transaction (SQLITE_BUSY at once, a 503), and writing first and waiting
+    afterwards would hold the one write lock for the whole inference. Nothing is written yet,
+    so this commit keeps every write and the audit row in the one transaction that follows."""
+    if db.transaction_depth() == 1:
+        db.top_transaction().commit()
 
 
 def _exam_in_form(patient: Patient, exam_id) -> Exam | None:

@@ -92,6 +92,28 @@ def test_local_put_fsyncs_the_file_and_its_directory(tmp_path, monkeypatch):
     assert synced == [False, True]  # the file, then the directory holding the new name
 
 
-def encode_small() -> bytes:
+def encode_small(color=(120, 40, 20)) -> bytes:
     from PIL import Image
-    return encode(Image.new("RGB", (256, 256), (120, 40, 20)), "JPEG")
+    return encode(Image.new("RGB", (256, 256), color), "JPEG")
+
+
+def test_an_upload_committed_while_another_waits_on_the_model_does_not_fail_it(app, clinician, patient,
+                                                                                fake_torchserve, monkeypatch):
+    """SQLite: the first upload's transaction read before the model was asked; a second upload
+    commits while the first waits. The first must still write (not SQLITE_BUSY -> 503)."""
+    real = fake_torchserve.predict
+    answers = {}
+
+    def predict(*args, **kw):
+        if not answers:
+            answers["second"] = None
+            other = threading.Thread(target=lambda: answers.__setitem__(
+                "second", upload(app.test_client(), clinician, patient["id"], encode_small(color=(9, 9, 9))).status_code))
+            other.start()
+            other.join()
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fake_torchserve, "predict", predict)
+    first = upload(app.test_client(), clinician, patient["id"], encode_small())
+    assert answers["second"] == 201
+    assert first.status_code == 201, first.json
