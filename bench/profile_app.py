@@ -69,6 +69,7 @@ _patch(torchserve.TorchServeClient, "predict", "torchserve call")
 # Since issue 14 the upload asks TorchServe in a background thread: what the request itself
 # spends on it is the wait for that answer.
 _patch(concurrent.futures.Future, "result", "torchserve call")
+_patch(concurrent.futures, "wait", "torchserve call")
 _patch(audit, "record", "audit row")  # before create_app registers it
 _patch(auth, "authenticate", "auth")
 _patch(logging.Logger, "handle", "logging")
