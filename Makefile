@@ -40,9 +40,11 @@ test-fast: setup
 
 bench: model
 	$(PY) -m bench.run
+	$(PY) -m bench.clinic
 
 bench-smoke: model
 	$(PY) -m bench.run --smoke
+	$(PY) -m bench.clinic --smoke --out var/bench/clinic-smoke
 
 clean:
 	rm -rf var build dist *.egg-info .pytest_cache

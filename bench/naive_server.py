@@ -12,12 +12,20 @@ request is handled at a time and the others wait in the listen backlog:
         gunicorn -w 1 -k sync -b 127.0.0.1:8090 --timeout 120 bench.naive_server:app
 
 Torch uses its default thread count (one per core) unless NAIVE_TORCH_THREADS is set.
+
+NAIVE_PREPROCESS=resize is the clinic developer's version instead (bench/clinic.py serves it with
+one sync worker per core): the whole JPEG decoded at full size, resized to the network's input
+and normalised, no disc crop and no quality gate.
 The demo model is trained on synthetic images: its grades are not for clinical use.
 """
 from __future__ import annotations
 
+import io
 import os
 import time
+
+import numpy as np
+from PIL import Image
 
 import torch
 from flask import Flask, jsonify, request
@@ -51,6 +59,8 @@ def create_app(checkpoint: str | None = None) -> Flask:
     @app.post("/predictions/dr")
     def predict():
         data = request.get_data()
+        if os.environ.get("NAIVE_PREPROCESS") == "resize":
+            return jsonify(_resize_and_grade(data, state))
         try:
             prepared = fundus.prepare(data, state["preprocess"], state["quality"])
         except fundus.ImageRejected as exc:
@@ -72,6 +82,22 @@ def create_app(checkpoint: str | None = None) -> Flask:
         return jsonify(answer)
 
     return app
+
+
+def _resize_and_grade(data: bytes, state: dict) -> dict:
+    """What a first version usually does: decode everything, resize, normalise, run."""
+    started = time.perf_counter()
+    cfg = state["preprocess"]
+    img = Image.open(io.BytesIO(data)).convert("RGB").resize((cfg.input_size, cfg.input_size), Image.BILINEAR)
+    x = (np.asarray(img, dtype=np.float32) / 255 - np.array(cfg.mean, dtype=np.float32)) / np.array(cfg.std, dtype=np.float32)
+    with torch.inference_mode():
+        probs = torch.softmax(state["model"](torch.from_numpy(x).permute(2, 0, 1)[None]), dim=1)[0].tolist()
+    grade = max(range(len(probs)), key=probs.__getitem__)
+    return {"grade": grade, "label": state["labels"][grade], "probabilities": [round(p, 6) for p in probs],
+            "referable": grade >= state["threshold"], "referable_threshold": state["threshold"], "gradable": True,
+            "quality": None, "model": {"name": "dr", "version": "naive-resize", "synthetic_training_data": state["synthetic"]},
+            "disclaimer": SYNTHETIC_DISCLAIMER if state["synthetic"] else None,
+            "timings_ms": {"total": round((time.perf_counter() - started) * 1000, 2)}}
 
 
 if os.environ.get("NAIVE_CHECKPOINT"):

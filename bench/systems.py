@@ -185,17 +185,21 @@ class NaiveServer(Process):
 
     name = "naive"
 
-    def __init__(self, workdir: Path, checkpoint: Path, torch_threads: int | None = None):
+    def __init__(self, workdir: Path, checkpoint: Path, torch_threads: int | None = None,
+                 workers: int = 1, preprocess: str | None = None):
         env = {"NAIVE_CHECKPOINT": str(checkpoint), "PYTHONPATH": str(REPO)}
         if torch_threads:
             env["NAIVE_TORCH_THREADS"] = str(torch_threads)
+        if preprocess:
+            env["NAIVE_PREPROCESS"] = preprocess
         super().__init__(workdir, env)
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_url = f"{self.url}/ping"
 
     def command(self) -> list[str]:
-        return [str(VENV_BIN / "gunicorn"), "-w", "1", "-k", "sync", "-b", f"127.0.0.1:{self.port}",
+        return [str(VENV_BIN / "gunicorn"), "-w", str(self.workers), "-k", "sync", "-b", f"127.0.0.1:{self.port}",
                 "--timeout", "120", "--chdir", str(REPO), "bench.naive_server:app"]
 
 

@@ -1,12 +1,14 @@
 """The application factory."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
 import time
 import uuid
 
+import flask
 import flask_smorest
 from flask import Flask, current_app, g, request
 from flask_cors import CORS
@@ -30,6 +32,15 @@ MULTIPART_OVERHEAD = 64 * 1024
 JSON_BODY_LIMIT = 64 * 1024
 
 
+class Request(flask.Request):
+    """Multipart file parts stay in memory: the upload view reads the whole image anyway and
+    MAX_CONTENT_LENGTH caps the body, so werkzeug's spooling of parts over 500 kB to a temporary
+    file only added a file write and read to every photograph."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
 class Api(flask_smorest.Api):
     ERROR_SCHEMA = schemas.Error  # what errors.py answers, so the document matches
 
@@ -45,6 +56,7 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
         # CLI commands import the app too, where gunicorn's on_starting has not made it.
         os.makedirs(settings.prometheus_multiproc_dir, exist_ok=True)
     app = Flask(__name__, static_folder=None)
+    app.request_class = Request
     app.config.update(
         DEBUG=settings.debug,
         # Werkzeug refuses a larger Content-Length with 413 before reading the body.

@@ -9,10 +9,23 @@ Attempts are counted: an attempt in which TorchServe was reached but did not gra
 timeout: a worker that crashes on this image looks like that) adds one, and after
 MAX_ATTEMPTS the screening is `failed`, so one poisonous image cannot stop the queue behind it.
 TorchServe being unreachable or busy (nothing was asked) counts nothing: the screening waits.
+
+Result cache: an upload whose bytes (SHA-256) this patient already sent, and which the current
+default model version already graded, gets a copy of that grading without inference. The cache
+is the grading table itself; its key is (patient, image SHA-256, model name, model version), so
+promoting or rolling back the default changes the key and nothing needs deleting. Re-grades
+always run the model.
+
+An upload asks TorchServe early (`ask_early`): the prediction runs in a background thread while
+the view stores the object and writes the row, so their time hides behind inference. The answer
+still waits for all three, so a 201 means what it meant: object stored, row and grading committed.
 """
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
 from peewee import Case, fn
@@ -64,12 +77,66 @@ def model_input(screening: Screening, image: bytes) -> tuple[bytes, str]:
     return image, screening.content_type
 
 
+def cached(client: TorchServeClient, screening: Screening) -> Grading | None:
+    """This patient's latest grading of the same bytes by the current default version, if any."""
+    version = client.default_model_version()
+    if version is None:
+        return None
+    return (Grading.select().join(Screening)
+            .where((Screening.patient == screening.patient_id) & (Screening.id != screening.id)
+                   & (Screening.image_sha256 == screening.image_sha256)
+                   & (Grading.model_name == client.model_name) & (Grading.model_version == version))
+            .order_by(Grading.created_at.desc(), Grading.id.desc()).first())
+
+
+_early: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked worker makes its own
+_early_lock = threading.Lock()
+
+
+def ask_early(client: TorchServeClient, screening: Screening, image: bytes,
+              prepared: tuple[bytes, str] | None = None) -> Future | None:
+    """Start the prediction of an upload now, in the background; None when the result cache
+    will answer (nothing to ask). Pass the future to grade(early=...)."""
+    global _early
+    if cached(client, screening) is not None:
+        return None
+    with _early_lock:
+        if _early is None or _early[0] != os.getpid():
+            # predict() admits at most max_in_flight at once and answers the rest "busy" at once.
+            _early = (os.getpid(), ThreadPoolExecutor(max_workers=16, thread_name_prefix="predict"))
+    return _early[1].submit(client.predict, *(prepared or model_input(screening, image)))
+
+
 def grade(client: TorchServeClient, screening: Screening, image: bytes, version: str | None = None,
-          prepared: tuple[bytes, str] | None = None) -> Grading:
+          prepared: tuple[bytes, str] | None = None, *, use_cache: bool = False,
+          early: Future | None = None) -> Grading:
     """Run the model on `image` (the stored bytes; `prepared` when the caller already has the
-    model input) and store the grading. TorchServe's exceptions pass through untouched, with
-    nothing written."""
-    prediction = client.predict(*(prepared or model_input(screening, image)), version)
+    model input), or with use_cache reuse an identical result, or take the answer of `early`;
+    store the grading. TorchServe's exceptions pass through untouched,
+    with nothing written."""
+    if early is not None:
+        metrics.RESULT_CACHE.labels("miss").inc()
+        return _store(screening, client, early.result(), version)
+    earlier = cached(client, screening) if use_cache and version is None else None
+    if earlier is not None:
+        metrics.RESULT_CACHE.labels("hit").inc()
+        return _store(screening, client, _as_prediction(earlier), version)
+    if use_cache:
+        metrics.RESULT_CACHE.labels("miss").inc()
+    return _store(screening, client, client.predict(*(prepared or model_input(screening, image)), version),
+                  version)
+
+
+def _as_prediction(g: Grading) -> dict:
+    """An earlier grading in the shape TorchServe answers; its timings say it was not re-run."""
+    return {"model": {"name": g.model_name, "version": g.model_version,
+                      "synthetic_training_data": g.synthetic_training_data},
+            "gradable": g.gradable, "grade": g.grade, "label": g.label, "probabilities": g.probabilities,
+            "referable": g.referable, "referable_threshold": g.referable_threshold, "quality": g.quality,
+            "disclaimer": g.disclaimer, "timings_ms": {"result_cache": "hit"}}
+
+
+def _store(screening: Screening, client: TorchServeClient, prediction: dict, version: str | None) -> Grading:
     model = prediction.get("model") or {}
     now = utcnow()
     with db.atomic():

@@ -19,6 +19,7 @@ REQUEST_SECONDS = Histogram("clarity_api_request_duration_seconds", "Time to ans
 TORCHSERVE_SECONDS = Histogram("clarity_torchserve_request_duration_seconds", "Calls to TorchServe",
                                ["operation", "outcome"],
                                buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+RESULT_CACHE = Counter("clarity_result_cache_total", "Uploads whose grading was reused or not", ["outcome"])
 SCREENINGS = Counter("clarity_screenings_total", "Screening gradings by outcome", ["outcome"])
 STORAGE_SECONDS = Histogram("clarity_storage_operation_duration_seconds", "Image storage calls",
                             ["backend", "operation"],

@@ -94,6 +94,14 @@ class Storage:
         raise NotImplementedError
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalStorage(Storage):
     name = "local"
 
@@ -123,6 +131,7 @@ class LocalStorage(Storage):
             except BaseException:
                 os.unlink(tmp)
                 raise
+            _fsync_dir(path.parent)  # the rename itself survives a power loss only after this
         except OSError as exc:
             raise StorageUnavailable(f"cannot write {key}: {exc.strerror}") from exc
 

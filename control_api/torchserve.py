@@ -56,6 +56,8 @@ class ModelVersion:
 
 
 NOT_FOUND = ("ModelNotFoundException", "ModelVersionNotFoundException")
+# How long an API process trusts the default version it last read (the result cache's key).
+DEFAULT_VERSION_TTL_SECONDS = 5.0
 
 # Only a refused or reset connection is retried: the request never reached a worker, so
 # asking again cannot double any work. A timeout is not retried, it already cost the budget.
@@ -80,6 +82,7 @@ class TorchServeClient:
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        self._default: tuple[str | None, float] | None = None  # (version, when read)
 
     def predict(self, image: bytes, content_type: str, version: str | None = None) -> dict:
         return self._ask("predictions", image, content_type, version)
@@ -170,6 +173,21 @@ class TorchServeClient:
             ready_workers=_ready_workers(m), workers=len(m.get("workers") or []),
             batch_size=m.get("batchSize"), max_batch_delay_ms=m.get("maxBatchDelay"),
         ) for m in self.describe("all")]
+
+    def default_model_version(self) -> str | None:
+        """The default version, read at most every DEFAULT_VERSION_TTL_SECONDS; None when unknown.
+
+        Promotions go straight to TorchServe (scripts.models), so the API re-reads rather than
+        being told: a new default is seen within the TTL."""
+        now = time.monotonic()
+        if self._default is None or now - self._default[1] > DEFAULT_VERSION_TTL_SECONDS:
+            try:
+                described = self.describe()
+                version = str(described[0]["modelVersion"]) if described else None
+            except (TorchServeUnavailable, UnknownModelVersion, KeyError, TypeError):
+                version = None
+            self._default = (version, now)
+        return self._default[0]
 
     def ready(self) -> bool:
         """The default version has a READY worker (TorchServe's /ping is healthy before that)."""

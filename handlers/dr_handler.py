@@ -25,12 +25,13 @@ from ts.torch_handler.base_handler import BaseHandler
 # Inside a .mar the archived modules lie flat in the model directory; try them first so a
 # worker runs the code it was archived with even when the repository is on PYTHONPATH too.
 try:
+    import engine
     import fundus
     import gradcam
     import quality
     from network import DRNet
 except ImportError:
-    from handlers import fundus, gradcam, quality
+    from handlers import engine, fundus, gradcam, quality
     from handlers.network import DRNet
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class DRHandler(BaseHandler):
                            weights_only=True)
         self.model.load_state_dict(state)
         self.model.to(self.device).eval().requires_grad_(False)
+        # Predictions run on the archive's engine; Grad-CAM stays on the eager network.
+        self.engine = engine.load(self.meta, model_dir, self.model, self.device, torch.get_num_threads())
 
         self.preprocess_config = fundus.PreprocessConfig.from_dict(self.meta["preprocess"])
         self.thresholds = quality.QualityThresholds.from_dict(self.meta["quality"])
@@ -61,8 +64,9 @@ class DRHandler(BaseHandler):
         self.model_info = {"name": self.meta["name"], "version": self.meta["version"],
                            "synthetic_training_data": bool(self.meta["synthetic"])}
         self.initialized = True
-        logger.info("DR model %s %s (%s) on %s, %d torch threads", self.meta["name"],
-                    self.meta["version"], self.meta["arch"], self.device, torch.get_num_threads())
+        logger.info("DR model %s %s (%s) on %s, engine %s, %d threads", self.meta["name"],
+                    self.meta["version"], self.meta["arch"], self.device, self.engine.name,
+                    torch.get_num_threads())
 
     def _set_threads(self) -> None:
         """DR_TORCH_THREADS, else model-config.yaml `handler.torch_threads`, else torch's default.
@@ -118,8 +122,7 @@ class DRHandler(BaseHandler):
         if explain:
             logits, maps, _ = gradcam.grad_cam(self.model, self.model.cam_layer(), batch)
         else:
-            with torch.inference_mode():
-                logits = self.model(batch)
+            logits = self.engine(batch)
         probabilities = torch.softmax(logits.float(), dim=1).cpu()  # .cpu() waits for the GPU
         inference_ms = (time.perf_counter() - start) * 1000
         for row, (idx, prepared) in enumerate(items):

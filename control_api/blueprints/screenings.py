@@ -1,6 +1,8 @@
 """Screenings: upload a photograph of one eye, list, read, download the image, re-grade.
 
-Upload order: validate -> store the object -> write the row -> ask TorchServe.
+Upload order: validate -> ask TorchServe (in the background) -> store the object -> await the
+answer -> write the row -> store the grading; all rows and the audit row commit together.
+No database lock is held while the model works (see _fresh_transaction).
 - storage fails: nothing was written (503);
 - the row fails: the object is deleted again;
 - TorchServe down or slow: the screening stays `pending` (202 + Retry-After) for
@@ -15,6 +17,7 @@ import json
 import logging
 import re
 import uuid
+from concurrent import futures
 
 import peewee
 from flask import Response, current_app, g, redirect, request
@@ -24,7 +27,7 @@ from ..audit import audited, target
 from ..auth import ADMIN, CLINICAL, require_role, roles
 from ..db import db
 from ..errors import RETRY_AFTER_SECONDS, ApiError
-from ..grading import failed_attempt, grade, release
+from ..grading import ask_early, failed_attempt, grade, release
 from ..models import DicomInstance, Exam, Grading, Patient, Screening, utcnow
 from ..outcome import attach_latest
 from ..pagination import page
@@ -177,9 +180,14 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
         image_sha256=sha256, content_type=photo.content_type, status="pending",
         created_by=g.api_key.id, idempotency_key=idempotency_key, request_fingerprint=fingerprint,
         grading_started_at=utcnow())
+    prepared = photo.dicom.model_input() if photo.dicom else None
+    early = ask_early(get_client(), screening, data, prepared)  # inference runs while the upload is stored
     storage = get_storage()
     with metrics.STORAGE_SECONDS.labels(storage.name, "put").time():
         storage.put(screening.image_key, data, content_type=photo.content_type, sha256=sha256)
+    if early is not None:
+        futures.wait([early])  # its answer or its exception; grade() below takes it
+    _fresh_transaction()
     try:
         with db.atomic():
             if new_exam is not None:
@@ -206,7 +214,7 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
                                         "content_type": photo.content_type})
 
     try:
-        grade(get_client(), screening, data, prepared=photo.dicom.model_input() if photo.dicom else None)
+        grade(get_client(), screening, data, prepared=prepared, use_cache=True, early=early)
     except (TorchServeUnavailable, UnknownModelVersion) as exc:
         # No model read the bytes, so check them here: an undecodable image is never kept pending.
         # (dicom.read already decoded a DICOM photograph's pixels.)
@@ -227,6 +235,18 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
         metrics.SCREENINGS.labels("rejected").inc()
         raise ApiError(422, exc.code, exc.message) from None
     return screening, False
+
+
+def _fresh_transaction() -> None:
+    """Commit the view's transaction so far (only reads) and begin another before the first write.
+
+    The view runs in one transaction (audit.audited). Its reads began a snapshot before the
+    model was asked; on SQLite a snapshot that another upload has written past since cannot
+    become a write transaction (SQLITE_BUSY at once, a 503), and writing first and waiting
+    afterwards would hold the one write lock for the whole inference. Nothing is written yet,
+    so this commit keeps every write and the audit row in the one transaction that follows."""
+    if db.transaction_depth() == 1:
+        db.top_transaction().commit()
 
 
 def _exam_in_form(patient: Patient, exam_id) -> Exam | None:

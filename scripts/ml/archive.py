@@ -2,11 +2,14 @@
 
     python -m scripts.ml.archive --checkpoint CK --version 1.1 [--name dr] [--model-store model_store]
         [--batch-size 8 --max-batch-delay 5 --response-timeout 60 --torch-threads 1 --workers N]
+        [--engine eager|onnx|onnx-int8 [--calibration-dir TRAIN_IMAGES]]
 
 The archive holds the handler with every sibling module in handlers/ (network.py the model file), the weights as a
 plain float32 state dict, model_meta.json (what the handler needs), model-config.yaml (batching,
-timeout, torch threads; workers only with --workers) and MODEL_CARD.md. The card is also written beside the .mar. Versions are
-immutable: an existing archive is never overwritten.
+timeout, torch threads; workers only with --workers) and MODEL_CARD.md; with --engine onnx
+(or onnx-int8) also the network exported as model.onnx for ONNX Runtime (handlers/engine.py).
+The card is also written beside the .mar. Versions are immutable: an existing archive is never
+overwritten.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from handlers import engine as engines
 from handlers import fundus, quality
 from handlers.network import ARCHS, DRNet
 from scripts.files import sha256_file
@@ -85,6 +89,40 @@ def float32_state_dict(ck: dict) -> tuple[dict, int]:
     return state, sum(p.numel() for p in model.parameters())
 
 
+def calibration_batches(folder: Path, ck: dict, limit: int = 64, batch: int = 8) -> list:
+    """Preprocessed gradable crops of up to `limit` images in `folder`, in batches, for int8 ranges."""
+    cfg = fundus.PreprocessConfig.from_dict(ck["preprocess"])
+    thresholds = fundus.QualityThresholds.from_dict(ck["quality"])
+    tensors = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
+        try:
+            prepared = fundus.prepare(path.read_bytes(), cfg, thresholds)
+        except fundus.ImageRejected:
+            continue
+        if prepared.tensor is not None:
+            tensors.append(prepared.tensor)
+        if len(tensors) >= limit:
+            break
+    if not tensors:
+        raise ArchiveError(f"no gradable calibration images in {folder}")
+    return [torch.stack(tensors[i:i + batch]) for i in range(0, len(tensors), batch)]
+
+
+def write_engine(engine: str, state: dict, ck: dict, stage: Path, calibration_dir: Path | None) -> dict | None:
+    """Export the network for `engine` into `stage`; the `engine` entry of model_meta.json."""
+    if engine == "eager":
+        return None
+    model = DRNet(arch=ck["arch"], num_classes=len(ck["grade_labels"]))
+    model.load_state_dict(state)
+    size = int(ck["preprocess"]["input_size"])
+    path = engines.export_onnx(model, size, stage / engines.ONNX_FILE)
+    if engine == "onnx-int8":
+        fp32 = path.rename(stage / "model.fp32.onnx")
+        path = engines.quantize_int8(fp32, stage / engines.ONNX_FILE, calibration_batches(calibration_dir, ck))
+        fp32.unlink()
+    return {"name": engine, "file": path.name, "sha256": sha256_file(path), "opset": engines.OPSET}
+
+
 def model_meta(ck: dict, name: str, version: str, weights_sha256: str) -> dict:
     """model_meta.json: everything the handler reads, nothing it would have to guess."""
     synthetic = bool(ck["dataset"]["synthetic"])
@@ -122,7 +160,8 @@ def model_config_yaml(batch_size: int, max_batch_delay: int, workers: int | None
 
 def archive(checkpoint: Path, version: str, *, name: str = "dr", model_store: Path = REPO / "model_store",
             batch_size: int = 8, max_batch_delay: int = 5, workers: int | None = None,
-            response_timeout: int = 60, torch_threads: int | None = 1) -> Path:
+            response_timeout: int = 60, torch_threads: int | None = 1, engine: str = "eager",
+            calibration_dir: Path | None = None) -> Path:
     """Write <model_store>/<name>_<version>.mar and its card <name>_<version>.md; return the .mar path."""
     if not _NAME.match(name):
         raise ArchiveError(f"invalid model name {name!r}: letters, digits, '_' and '-'")
@@ -130,6 +169,10 @@ def archive(checkpoint: Path, version: str, *, name: str = "dr", model_store: Pa
         raise ArchiveError(f"invalid version {version!r}: letters, digits, '.', '_' and '-'")
     if min(batch_size, workers or 1, response_timeout) < 1 or max_batch_delay < 0:
         raise ArchiveError("batch size, workers and response timeout must be >= 1, batch delay >= 0")
+    if engine not in engines.ENGINES:
+        raise ArchiveError(f"unknown engine {engine!r}; choose one of {', '.join(engines.ENGINES)}")
+    if engine == "onnx-int8" and calibration_dir is None:
+        raise ArchiveError("--engine onnx-int8 needs --calibration-dir (training images)")
     model_store = Path(model_store)
     target = mar_path(model_store, name, version)
     card_path = target.with_suffix(".md")
@@ -145,6 +188,9 @@ def archive(checkpoint: Path, version: str, *, name: str = "dr", model_store: Pa
         weights = stage / WEIGHTS_FILE
         torch.save(state, weights)
         meta = model_meta(ck, name, version, sha256_file(weights))
+        engine_meta = write_engine(engine, state, ck, stage, calibration_dir)
+        if engine_meta:
+            meta["engine"] = engine_meta
         (stage / "model_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         card = archive_card(ck, meta, n_params)
         (stage / "MODEL_CARD.md").write_text(card)
@@ -153,6 +199,7 @@ def archive(checkpoint: Path, version: str, *, name: str = "dr", model_store: Pa
         siblings = sorted(p for p in HANDLERS.glob("*.py")
                           if p not in (HANDLER_FILE, MODEL_FILE) and p.name != "__init__.py")
         extra = [str(p) for p in siblings] + [str(stage / "model_meta.json"), str(stage / "MODEL_CARD.md")]
+        extra += [str(stage / engine_meta["file"])] if engine_meta else []
         out = stage / "out"
         out.mkdir()
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
@@ -187,12 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--response-timeout", type=int, default=60, help="seconds")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads per worker (DR_TORCH_THREADS overrides it at run time)")
+    p.add_argument("--engine", choices=engines.ENGINES, default="eager",
+                   help="CPU inference engine (onnx: ONNX Runtime; Grad-CAM stays eager)")
+    p.add_argument("--calibration-dir", type=Path, default=None,
+                   help="training images whose crops calibrate --engine onnx-int8")
     args = p.parse_args(argv)
     try:
         path = archive(args.checkpoint, args.version, name=args.name, model_store=args.model_store,
                        batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
                        workers=args.workers, response_timeout=args.response_timeout,
-                       torch_threads=args.torch_threads)
+                       torch_threads=args.torch_threads, engine=args.engine,
+                       calibration_dir=args.calibration_dir)
     except ArchiveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -59,6 +59,8 @@ def archive_card(ck: dict, meta: dict, n_params: int) -> str:
         "## Provenance",
         f"- Weights: `{meta['weights_file']}`, float32 state dict, SHA-256 `{meta['weights_sha256']}`",
         f"- Code revision: `{meta['code_revision']}`",
+        *([f"- Engine: `{meta['engine']['name']}` ({meta['engine']['file']}, SHA-256 "
+           f"`{meta['engine']['sha256']}`); Grad-CAM runs on the eager weights"] if meta.get("engine") else []),
         f"- Trained: {meta['trained_at'] or 'unknown'}; archived: {meta['archived_at']}",
         "",
         "## Intended use and limits",

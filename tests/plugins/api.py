@@ -86,6 +86,9 @@ class FakeTorchServe:
             raise TorchServeUnavailable("TorchServe management API is unreachable")
         return [ModelVersion(v, v == self.default_version, 1, 1, 1, 0) for v in self.versions]
 
+    def default_model_version(self) -> str | None:
+        return None if self.mode == "down" else self.default_version
+
     def ready(self) -> bool:
         if self.mode == "down":
             raise TorchServeUnavailable("TorchServe management API is unreachable")

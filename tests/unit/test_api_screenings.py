@@ -241,7 +241,8 @@ def test_storage_failure_writes_nothing(app, client, clinician, patient, monkeyp
     assert response.json["error"]["code"] == "storage_unavailable"
     with app.app_context():
         assert Screening.select().count() == 0
-    assert fake_torchserve.calls == []
+    # TorchServe may have been asked already (the prediction starts while the image is stored,
+    # issue 14); its answer is dropped: tests/unit/test_upload_cost.py checks no grading stays.
 
 
 def test_database_failure_deletes_the_stored_object(app, client, clinician, patient, monkeypatch):

@@ -1,0 +1,309 @@
+"""The clinic's case, like with like in one run: 9-12 MP fundus JPEGs, the same inputs and
+concurrency for every system, the cells of a comparison interleaved round by round.
+
+    python -m bench.clinic [--out docs/benchmarks] [--requests 40] [--rounds 2] [--smoke]
+
+- api vs torchserve: the API end to end against TorchServe direct, concurrency 1 and 8, on a
+  kept-alive connection and on a fresh connection per request, on SQLite + local storage and on
+  PostgreSQL + SeaweedFS S3. Every upload's bytes are unique (a trailer after the JPEG end
+  marker) so the result cache never answers; the ratio is taken per round, the median reported.
+- before/after: the API as it is against bench/sequential_app.py (the upload path before issue
+  14's changes), same backend and inputs, interleaved.
+- re-send: the same bytes again (the result cache) against new bytes, through the API.
+- naive: what a clinic's developer writes first: Flask with the model in-process, the whole JPEG
+  decoded and resized (no disc crop, no quality gate), one sync gunicorn worker per core.
+- limit: the best in-process configuration: one process per core, one thread each, decode +
+  preprocessing + forward pass of the same photographs, eager and ONNX Runtime, no HTTP.
+- engines: TorchServe direct with the eager archive against the ONNX archive of the same
+  weights, on the demo network and on EfficientNet-B0 at 384 px (random weights).
+The demo model is trained on synthetic images: these runs measure the machinery, not accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import itertools
+import json
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from bench import inputs as bench_inputs
+from bench import systems
+from bench.driver import MemorySampler, multipart, run_load
+from bench.inputs import ServeConfig
+from scripts.serving.processes import REPO
+
+DEFAULTS = ServeConfig(batch_size=8, max_batch_delay_ms=5, workers=None, torch_threads=1)  # the archive's
+TIMEOUT = (5, 120)
+_trailer = itertools.count()
+
+
+def clinic_photos() -> list[bench_inputs.BenchInput]:
+    return [i for i in bench_inputs.inputs() if i.kind == "photograph" and i.format == "JPEG" and i.megapixels >= 9]
+
+
+def _unique(data: bytes) -> bytes:
+    return data + f"clarity-clinic-{next(_trailer):09d}-{os.getpid()}".encode()
+
+
+def predict_sender(url: str, datas: list[bytes], fresh: bool, same: bool = False):
+    def send(session, i):
+        body = datas[i % len(datas)] if same else _unique(datas[i % len(datas)])
+        headers = {"Content-Type": "image/jpeg"}
+        if fresh:
+            return requests.post(f"{url}/predictions/dr", data=body, headers={**headers, "Connection": "close"},
+                                 timeout=TIMEOUT)
+        return session.post(f"{url}/predictions/dr", data=body, headers=headers, timeout=TIMEOUT)
+    return send
+
+
+def upload_sender(handle, datas: list[bytes], fresh: bool, same: bool = False):
+    url = f"{handle.url}/api/v1/patients/{handle.info['patient_id']}/screenings"
+    auth = {"Authorization": f"Bearer {handle.info['token']}"}
+
+    def send(session, i):
+        data = datas[i % len(datas)] if same else _unique(datas[i % len(datas)])
+        body, content_type = multipart({"eye": "left", "image": ("eye.jpg", data, "image/jpeg")})
+        headers = {**auth, "Content-Type": content_type}
+        if fresh:
+            return requests.post(url, data=body, headers={**headers, "Connection": "close"}, timeout=TIMEOUT)
+        return session.post(url, data=body, headers=headers, timeout=TIMEOUT)
+    return send
+
+
+def cell(label: str, send, concurrency: int, n: int, ok=(200,)) -> dict:
+    r = run_load(send, 10**9, concurrency, n, ok_status=ok, warmup=concurrency, desc=label)
+    return {"label": label, **r.to_dict(), "load_average_1m": round(os.getloadavg()[0], 2)}
+
+
+def paired(a_label, a_send, b_label, b_send, concurrency, args, ok_b=(201,), ok_a=None) -> dict:
+    """A and B interleaved round by round; B's throughput over A's per round, median and range."""
+    ok_a = ok_a or ((201,) if "api" in a_label else (200,))
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append((cell(a_label, a_send, concurrency, args.requests, ok=ok_a),
+                       cell(b_label, b_send, concurrency, args.requests, ok=ok_b)))
+    ratios = [b["throughput_rps"] / a["throughput_rps"] for a, b in rounds if a["throughput_rps"]]
+    added = [b["p50_ms"] - a["p50_ms"] for a, b in rounds if "p50_ms" in a and "p50_ms" in b]
+    return {"a": a_label, "b": b_label, "concurrency": concurrency, "rounds": [[a, b] for a, b in rounds],
+            "throughput_ratio_b_over_a": round(statistics.median(ratios), 3) if ratios else None,
+            "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)] if ratios else None,
+            "added_p50_ms": round(statistics.median(added), 1) if added else None}
+
+
+# ------------------------------------------------------------------------------- limit
+
+def _limit_worker(job):
+    checkpoint, engine, paths, seconds = job
+    import torch
+
+    from handlers import engine as engines
+    from handlers import fundus
+    from handlers.network import DRNet
+    torch.set_num_threads(1)
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    cfg = fundus.PreprocessConfig.from_dict(ck["preprocess"])
+    thresholds = fundus.QualityThresholds.from_dict(ck["quality"])
+    model = DRNet(arch=ck["arch"], num_classes=len(ck["grade_labels"])).eval()
+    model.load_state_dict(ck["state_dict"])
+    run = engines.Eager(model)
+    if engine == "onnx":
+        path = Path(tempfile.mkdtemp()) / "m.onnx"
+        run = engines.OnnxRuntime(engines.export_onnx(model, cfg.input_size, path), 1)
+    datas = [Path(p).read_bytes() for p in paths]
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        prepared = fundus.prepare(datas[done % len(datas)], cfg, thresholds)
+        if prepared.tensor is not None:
+            run(prepared.tensor[None])
+        done += 1
+    return done, time.perf_counter() - start
+
+
+def limit(checkpoint: Path, photos, seconds: float) -> list[dict]:
+    rows = []
+    procs = os.cpu_count() or 1
+    ctx = multiprocessing.get_context("spawn")
+    for engine in ("eager", "onnx"):
+        with ctx.Pool(procs) as pool:
+            results = pool.map(_limit_worker, [(str(checkpoint), engine, [p.path for p in photos], seconds)] * procs)
+        rows.append({"engine": engine, "processes": procs, "threads_each": 1,
+                     "images_per_s": round(sum(d / s for d, s in results), 2),
+                     "load_average_1m": round(os.getloadavg()[0], 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.clinic", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    p.add_argument("--requests", type=int, default=40, help="measured requests per cell")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--concurrency", type=int, nargs="*", default=[1, 8])
+    p.add_argument("--backends", nargs="*", default=["embedded", "postgres-s3"])
+    p.add_argument("--smoke", action="store_true", help="one round, 8 requests, c=1 and 8, embedded only")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.requests, args.rounds, args.backends = 8, 1, ["embedded"]
+    photos = clinic_photos()
+    datas = [ph.data() for ph in photos]
+    ck_path, ck_info = bench_inputs.checkpoint()
+    ck_sha = ck_info["sha256"]
+    report = {"started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+              "inputs": [ph.to_dict() for ph in photos], "model": ck_info,
+              "plan": {"requests_per_cell": args.requests, "rounds": args.rounds,
+                       "concurrency": args.concurrency, "backends": args.backends,
+                       "torchserve": DEFAULTS.to_dict()},
+              "api_vs_torchserve": [], "before_after": [], "resend": [], "naive": [], "engines": []}
+    sampler = MemorySampler()
+    with tempfile.TemporaryDirectory(prefix="clarity-clinic-") as tmp:
+        tmp = Path(tmp)
+        mar = bench_inputs.archive_for(ck_path, ck_sha, DEFAULTS)
+        with systems.torchserve(tmp / "ts", mar, DEFAULTS, sampler) as ts:
+            for backend in args.backends:
+                # The API's own defaults (control_api/settings.py): min(2 x cores + 1, 8) workers
+                # of 4 threads, at most threads - 1 predictions in flight per worker.
+                workers = min(2 * (os.cpu_count() or 1) + 1, 8)
+                with systems.api(tmp / f"api-{backend}", ts, backend, photos[:1], sampler, workers=workers) as api:
+                    for c in args.concurrency:
+                        for fresh in (False, True):
+                            conn = "fresh connection" if fresh else "keep-alive"
+                            row = paired(f"torchserve direct, {conn}", predict_sender(ts.inference_url, datas, fresh),
+                                         f"api {backend}, {conn}", upload_sender(api, datas, fresh), c, args)
+                            row.update(backend=backend, connection=conn)
+                            report["api_vs_torchserve"].append(row)
+                            print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
+                    # Before/after issue 14's upload changes, same backend, same run.
+                    with systems.api(tmp / f"before-{backend}", ts, backend, photos[:1], sampler, workers=workers,
+                                     app="bench.sequential_app:app", label=f"api {backend} before") as before:
+                        for c in args.concurrency:
+                            row = paired(f"api {backend} before (bench/sequential_app.py)", upload_sender(before, datas, False),
+                                         f"api {backend}", upload_sender(api, datas, False), c, args, ok_b=(201,))
+                            row.update(backend=backend)
+                            report["before_after"].append(row)
+                            print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
+                    if backend == "embedded":
+                        for c in args.concurrency:
+                            row = paired("api new bytes", upload_sender(api, datas, False),
+                                         "api same bytes (result cache)", upload_sender(api, datas[:1], False, same=True),
+                                         c, args, ok_b=(201,))
+                            report["resend"].append(row)
+            # The naive server on the same photographs, beside TorchServe direct (same run).
+            with contextlib.ExitStack() as stack:
+                naive = systems.NaiveServer(tmp / "naive", ck_path, torch_threads=1,
+                                            workers=os.cpu_count() or 1, preprocess="resize")
+                naive.start(timeout=120)
+                stack.callback(naive.stop)
+                for c in args.concurrency:
+                    row = paired("torchserve direct, keep-alive", predict_sender(ts.inference_url, datas, False),
+                                 f"naive (full decode + resize, {naive.workers} sync workers)",
+                                 predict_sender(naive.url, datas, False), c, args, ok_b=(200,))
+                    report["naive"].append(row)
+                    print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
+        report["engines"] = engines(tmp, ck_path, ck_sha, datas, args, sampler)
+    report["limit"] = limit(ck_path, photos, 5 if args.smoke else 15)
+    report["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "clinic.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "clinic.md").write_text(markdown(report))
+    print(args.out / "clinic.md")
+    return 0
+
+
+def engines(tmp: Path, ck_path: Path, ck_sha: str, datas, args, sampler) -> list[dict]:
+    """TorchServe direct, eager archive against the ONNX archive, demo network and EfficientNet-B0."""
+    from scripts.ml import archive
+    from scripts.ml.tiny_model import make_checkpoint
+
+    rows = []
+    effnet = make_checkpoint(tmp / "effnet384.pt", arch="efficientnet_b0", input_size=384)
+    for name, ck in (("demo", ck_path), ("efficientnet_b0 384 px (random weights)", effnet)):
+        store = tmp / f"store-{len(rows)}"
+        sends = {}
+        servers = contextlib.ExitStack()
+        with servers:
+            for engine in ("eager", "onnx"):
+                mar = archive.archive(ck, engine, model_store=store / engine, engine=engine, batch_size=8,
+                                      max_batch_delay=5, torch_threads=1)
+                server = servers.enter_context(systems.torchserve(tmp / f"ts-{len(rows)}-{engine}", mar, DEFAULTS, sampler))
+                sends[engine] = predict_sender(server.inference_url, datas, False)
+            c = max(args.concurrency)
+            row = paired(f"{name}: eager", sends["eager"], f"{name}: onnx", sends["onnx"], c, args, ok_b=(200,))
+            row["network"] = name
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
+    return rows
+
+
+def markdown(r: dict) -> str:
+    def rps(row, side):
+        idx = 0 if side == "a" else 1
+        return round(statistics.median(pair[idx]["throughput_rps"] for pair in row["rounds"]), 1)
+
+    def p50(row, side):
+        idx = 0 if side == "a" else 1
+        vals = [pair[idx].get("p50_ms") for pair in row["rounds"] if pair[idx].get("p50_ms") is not None]
+        return round(statistics.median(vals), 1) if vals else None
+
+    lines = ["# The clinic's case: 9-12 MP fundus JPEGs, like with like in one run", "",
+             f"Run {r['started_at']} to {r['finished_at']} on {r['machine']['cpus']} CPUs; load average "
+             f"{r['machine']['load_average_at_start']} at start and {r['machine']['load_average_at_end']} at end "
+             "(other work shared this machine: read ratios, not absolute figures).",
+             f"Inputs: {', '.join(i['name'] for i in r['inputs'])} ({min(i['megapixels'] for i in r['inputs'])}-"
+             f"{max(i['megapixels'] for i in r['inputs'])} MP), each upload's bytes made unique. "
+             f"{r['plan']['requests_per_cell']} requests per cell, {r['plan']['rounds']} interleaved rounds, "
+             f"ratios per round (median, range). TorchServe on the archive defaults ({r['plan']['torchserve']['tag']}).", "",
+             "## API end to end against TorchServe direct", "",
+             "| backend | connection | concurrency | TorchServe req/s | API req/s | API / TorchServe (range) | TorchServe p50 ms | API p50 ms | added p50 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["api_vs_torchserve"]:
+        lines.append(f"| {row['backend']} | {row['connection']} | {row['concurrency']} | {rps(row, 'a')} | {rps(row, 'b')} | "
+                     f"{row['throughput_ratio_b_over_a']} ({row['ratio_range'][0]}-{row['ratio_range'][1]}) | "
+                     f"{p50(row, 'a')} | {p50(row, 'b')} | {row['added_p50_ms']} |")
+    lines += ["", "Targets (issue 14): API / TorchServe >= 0.85 and added p50 <= 10 ms. A cell's errors (e.g. 202",
+              "pending answers, which are not counted as throughput) are in clinic.json.", "",
+              "## Before/after the upload changes (keep-alive)", "",
+              "| backend | concurrency | before req/s | after req/s | after / before (range) | before p50 ms | after p50 ms |",
+              "|---|---|---|---|---|---|---|"]
+    for row in r["before_after"]:
+        lines.append(f"| {row['backend']} | {row['concurrency']} | {rps(row, 'a')} | {rps(row, 'b')} | "
+                     f"{row['throughput_ratio_b_over_a']} ({row['ratio_range'][0]}-{row['ratio_range'][1]}) | "
+                     f"{p50(row, 'a')} | {p50(row, 'b')} |")
+    lines += ["",
+              "## Re-send (result cache), embedded backend, keep-alive", "",
+              "| concurrency | new bytes req/s | same bytes req/s | speed-up | new p50 ms | same p50 ms |", "|---|---|---|---|---|---|"]
+    for row in r["resend"]:
+        lines.append(f"| {row['concurrency']} | {rps(row, 'a')} | {rps(row, 'b')} | {row['throughput_ratio_b_over_a']} | "
+                     f"{p50(row, 'a')} | {p50(row, 'b')} |")
+    lines += ["", "## The naive server against TorchServe direct", "",
+              "| concurrency | TorchServe req/s | naive req/s | naive / TorchServe (range) | TorchServe p50 ms | naive p50 ms |",
+              "|---|---|---|---|---|---|"]
+    for row in r["naive"]:
+        lines.append(f"| {row['concurrency']} | {rps(row, 'a')} | {rps(row, 'b')} | {row['throughput_ratio_b_over_a']} "
+                     f"({row['ratio_range'][0]}-{row['ratio_range'][1]}) | {p50(row, 'a')} | {p50(row, 'b')} |")
+    lines += ["", "## Engines in TorchServe (direct, keep-alive)", "",
+              "| network | concurrency | eager req/s | onnx req/s | onnx / eager (range) |", "|---|---|---|---|---|"]
+    for row in r["engines"]:
+        lines.append(f"| {row['network']} | {row['concurrency']} | {rps(row, 'a')} | {rps(row, 'b')} | "
+                     f"{row['throughput_ratio_b_over_a']} ({row['ratio_range'][0]}-{row['ratio_range'][1]}) |")
+    lines += ["", "## The limit: in-process, one single-threaded process per core, no HTTP", "",
+              "| engine | processes | images/s |", "|---|---|---|"]
+    for row in r["limit"]:
+        lines.append(f"| {row['engine']} | {row['processes']} | {row['images_per_s']} |")
+    lines += ["", "The demo model is trained on synthetic images; these figures measure the machinery, not accuracy.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
