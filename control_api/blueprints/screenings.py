@@ -20,7 +20,7 @@ import peewee
 from flask import Response, current_app, g, redirect, request
 
 from .. import explanation, images, metrics, schemas
-from ..audit import audited, target
+from ..audit import audited, on_rollback, target
 from ..auth import ADMIN, CLINICAL, require_role, roles
 from ..db import db
 from ..errors import RETRY_AFTER_SECONDS, ApiError
@@ -146,6 +146,8 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
     storage = get_storage()
     with metrics.STORAGE_SECONDS.labels(storage.name, "put").time():
         storage.put(screening.image_key, data, content_type=info.content_type, sha256=sha256)
+    # The row is in the view's transaction (audit.py): if that rolls back, the object goes too.
+    on_rollback(lambda: _delete_object(screening.image_key))
     try:
         with db.atomic():
             if new_exam is not None:
