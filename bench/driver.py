@@ -56,12 +56,13 @@ class LoadResult:
 def run_load(send: Send, n_inputs: int, concurrency: int, requests_total: int, *, ok_status=(200,),
              warmup: int | None = None, desc: str = "", check: Callable[[requests.Response], bool] | None = None,
              on_progress: Callable[[int], None] | None = None,
-             after_warmup: Callable[[], None] | None = None) -> LoadResult:
+             after_warmup: Callable[[], None] | None = None, progress: bool = True) -> LoadResult:
     """Send `requests_total` requests at `concurrency`, after `warmup` unmeasured ones.
 
     Request i sends input i mod n_inputs, so concurrent requests differ. A response
     whose status is not in ok_status, or that fails `check`, counts as an error, not a latency.
     `on_progress(done)` is called after each request (the soak test samples memory with it).
+    `send` may record what it needs of each response (the load test keeps every screening id).
     """
     warmup = max(concurrency, 2) if warmup is None else warmup
     result = LoadResult(concurrency, requests_total)
@@ -80,12 +81,13 @@ def run_load(send: Send, n_inputs: int, concurrency: int, requests_total: int, *
         return started, time.perf_counter(), outcome
 
     # Warm-up: connections open, first-call costs paid, JIT-free but cache-warm.
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda k: one(sessions[k % concurrency], k), range(warmup)))
+    if warmup:
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(lambda k: one(sessions[k % concurrency], k), range(warmup)))
 
     if after_warmup:
         after_warmup()
-    bar = tqdm(total=requests_total, desc=desc, leave=False, unit="req", dynamic_ncols=True)
+    bar = tqdm(total=requests_total, desc=desc, leave=False, unit="req", dynamic_ncols=True, disable=not progress)
     spans = []
 
     def worker(t):
@@ -128,8 +130,9 @@ class MemorySampler(threading.Thread):
 
     `track(label, pid)` adds a tree (the process and its descendants, found again at every sample
     so that restarted workers are included). `mark()` starts a new window and returns the peaks of
-    the one before. RSS of processes in one tree are summed: shared pages (libtorch) count once
-    per process, which overstates the total but is what each process costs if it ran alone.
+    the one before; `peaks()` covers the whole run, with each role's first and last sample too.
+    RSS of processes in one tree are summed: shared pages (libtorch) count once per process, which
+    overstates the total but is what each process costs if it ran alone.
     """
 
     def __init__(self, interval: float = 0.5):
@@ -196,6 +199,10 @@ class MemorySampler(threading.Thread):
                         peak["roles_mb"][r] = max(peak["roles_mb"].get(r, 0.0), v / 2**20)
                     for r, v in largest.items():
                         peak["largest_process_mb"][r] = max(peak["largest_process_mb"].get(r, 0.0), v / 2**20)
+                life = self.lifetime[label]
+                for r, v in by_role.items():
+                    life.setdefault("first_roles_mb", {}).setdefault(r, v / 2**20)
+                    life.setdefault("last_roles_mb", {})[r] = v / 2**20
 
     def mark(self) -> dict:
         self.sample()

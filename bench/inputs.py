@@ -118,7 +118,7 @@ def checkpoint(cache: Path = CACHE) -> tuple[Path, dict]:
 def _write_standin(path: Path) -> None:
     import torch
 
-    from handlers import fundus
+    from handlers import fundus, quality
     from handlers.network import DRNet
     from scripts.ml import archive
 
@@ -142,7 +142,7 @@ def _write_standin(path: Path) -> None:
         "format": archive.CHECKPOINT_FORMAT, "arch": STANDIN_ARCH, "num_classes": 5,
         "state_dict": model.state_dict(),
         "preprocess": cfg.to_dict(),
-        "quality": fundus.QualityThresholds().to_dict(),
+        "quality": quality.QualityThresholds().to_dict(),
         "grade_labels": ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"],
         "referable_threshold": 2,
         "dataset": {"name": "bench-standin", "format": "none", "fingerprint": "0" * 64, "synthetic": True,

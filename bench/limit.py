@@ -35,7 +35,7 @@ def load_model(ck_path: Path, threads: int | None = None):
     model.load_state_dict(ck["state_dict"])
     model.eval().requires_grad_(False)
     return model, fundus.PreprocessConfig.from_dict(ck["preprocess"]), \
-        fundus.QualityThresholds.from_dict(ck["quality"])
+        quality.QualityThresholds.from_dict(ck["quality"])
 
 
 def _ms(seconds: float) -> float:

@@ -29,14 +29,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import requests
 
-from bench.driver import stats
+from bench.driver import MemorySampler, run_load, stats
 from scripts.serving.processes import REPO, Gunicorn, PostgresDatabase, SeaweedS3, TorchServe, api_key, flask_cli
 from scripts.serving.stack import DEMO_CHECKPOINT
 
@@ -44,7 +41,31 @@ SAMPLES = REPO / "samples"
 MODEL_VERSION = "1.0"
 
 
-class LoadStack:
+class StackClient:
+    """What a running stack offers its callers: the API's URL, its CLI with the API's environment,
+    new API keys, and the storage check. Needs `api` (a started Gunicorn) and `env`."""
+
+    api: Gunicorn
+    env: dict
+
+    @property
+    def url(self) -> str:
+        return self.api.url
+
+    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """`flask --app control_api ARGS` with the API's environment."""
+        return flask_cli(self.env, *args, timeout=timeout)
+
+    def key(self, role: str) -> dict:
+        """Headers with a new API key of this role, made by `flask keys create`."""
+        return {"Authorization": f"Bearer {api_key(self.env, role, f'stack {role}')}"}
+
+    def check_storage(self) -> subprocess.CompletedProcess:
+        """`flask check-storage`: every object read back and hashed against its row."""
+        return self.cli("check-storage")
+
+
+class LoadStack(StackClient):
     """PostgreSQL (a scratch database), SeaweedFS S3, TorchServe and the API under gunicorn, all
     started here on loopback and stopped on exit. (The tests' tests.support.harness.PrivateStack
     starts the same processes, sharing some between test modules.)"""
@@ -79,24 +100,8 @@ class LoadStack:
     def __exit__(self, *exc) -> None:
         self._running.close()
 
-    @property
-    def url(self) -> str:
-        return self.api.url
-
-    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """`flask --app control_api ARGS` with the API's environment."""
-        return flask_cli(self.env, *args, timeout=timeout)
-
-    def key(self, role: str) -> dict:
-        """Headers with a new API key of this role."""
-        return {"Authorization": f"Bearer {api_key(self.env, role, f'stack {role}')}"}
-
     def consistency(self, expected: dict[str, str] | None = None) -> dict:
         return consistency(stored_rows(self.database), self.s3.object_keys("screenings/"), expected)
-
-    def check_storage(self) -> subprocess.CompletedProcess:
-        """`flask check-storage`: every object read back and hashed against its row."""
-        return self.cli("check-storage")
 
 
 # -------------------------------------------------------------------- what is stored
@@ -176,80 +181,11 @@ def unique(photo: bytes, i: int) -> bytes:
     return photo + f"clarity-load-{i:08d}".encode()
 
 
-# -------------------------------------------------------------------- memory
-
-class RssSampler(threading.Thread):
-    """Samples the resident memory of every process of the stack, by role, every `interval` s."""
-
-    def __init__(self, stack: LoadStack, interval: float = 0.5):
-        super().__init__(daemon=True)
-        self.stack, self.interval = stack, interval
-        self.samples: dict[str, list[float]] = {}
-        self.done = threading.Event()
-
-    def roles(self) -> dict[str, list]:
-        import psutil
-
-        found: dict[str, list] = {}
-
-        def add(role, proc):
-            found.setdefault(role, []).append(proc)
-
-        master = psutil.Process(self.stack.api.proc.pid)
-        add("api: gunicorn master", master)
-        for n, worker in enumerate(sorted(master.children(), key=lambda p: p.pid), 1):
-            add(f"api: gunicorn worker {n}", worker)
-        ts = psutil.Process(self.stack.torchserve.proc.pid)
-        workers = 0
-        for proc in [ts, *ts.children(recursive=True)]:
-            cmd = " ".join(proc.cmdline())
-            if "java" in proc.name():
-                add("torchserve: frontend (java)", proc)
-            elif "model_service_worker" in cmd:
-                workers += 1
-                add(f"torchserve: model worker {workers}", proc)
-        add("s3: seaweedfs (weed mini)", psutil.Process(self.stack.s3.proc.pid))
-        backends = self.stack.database.sql("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                                  "AND pid <> pg_backend_pid()")
-        for (pid,) in backends:
-            add("postgresql: backends of this database (sum)", psutil.Process(pid))
-        add("load client (this process)", psutil.Process())
-        return found
-
-    def sample(self) -> None:
-        import psutil
-
-        for role, procs in self.roles().items():
-            total = 0
-            for proc in procs:
-                try:
-                    total += proc.memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.samples.setdefault(role, []).append(total / 2 ** 20)
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            try:
-                self.sample()
-            except Exception:  # a process between restarts; the next sample will see it
-                pass
-            self.done.wait(self.interval)
-
-    def stop(self) -> dict:
-        self.done.set()
-        self.join(10)
-        self.sample()
-        return {role: {"start_mb": round(v[0], 1), "peak_mb": round(max(v), 1), "end_mb": round(v[-1], 1),
-                       "samples": len(v)} for role, v in self.samples.items()}
-
-
 # -------------------------------------------------------------------- the run
 
 def drive(stack: LoadStack, screenings: int, concurrency: int, patients: int, progress: bool = True) -> dict:
-    """Upload `screenings` photographs with `concurrency` clients; returns what the clients saw."""
-    from tqdm import tqdm
-
+    """Upload `screenings` photographs with `concurrency` clients (bench.driver.run_load, no warm-up);
+    returns what the clients saw, one outcome per upload."""
     headers = stack.key("clinician")
     patient_ids = []
     for n in range(patients):
@@ -260,42 +196,46 @@ def drive(stack: LoadStack, screenings: int, concurrency: int, patients: int, pr
         response.raise_for_status()
         patient_ids.append(response.json()["id"])
     photos = photographs()
-    local = threading.local()
+    outcomes: dict[int, dict] = {}
 
-    def upload(i: int) -> dict:
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
+    def upload(session: requests.Session, i: int) -> requests.Response:  # i: 0 .. screenings-1, once each
         data = unique(photos[i % len(photos)], i)
-        pid = patient_ids[i % len(patient_ids)]
-        started = time.perf_counter()
-        outcome = {"i": i, "sha256": hashlib.sha256(data).hexdigest()}
+        outcome = outcomes[i] = {"i": i, "sha256": hashlib.sha256(data).hexdigest(), "status": None}
         try:
-            response = local.session.post(
-                f"{stack.url}/api/v1/patients/{pid}/screenings",
+            response = session.post(
+                f"{stack.url}/api/v1/patients/{patient_ids[i % len(patient_ids)]}/screenings",
                 headers={**headers, "Idempotency-Key": f"load-{i}"},
                 files={"image": (f"eye{i}.jpg", data, "image/jpeg")},
                 data={"eye": "left" if i % 2 else "right"}, timeout=180)
-            outcome["status"] = response.status_code
-            if response.status_code in (201, 202):
-                outcome["id"] = response.json()["id"]
-                outcome["screening_status"] = response.json()["status"]
-            else:
-                outcome["error"] = response.text[:300]
         except requests.RequestException as exc:
-            outcome["status"] = None
             outcome["error"] = type(exc).__name__
-        outcome["seconds"] = time.perf_counter() - started
-        return outcome
+            raise
+        outcome["status"] = response.status_code
+        if response.status_code in (201, 202):
+            outcome["id"], outcome["screening_status"] = response.json()["id"], response.json()["status"]
+        else:
+            outcome["error"] = response.text[:300]
+        return response
 
-    results = []
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        futures = [pool.submit(upload, i) for i in range(screenings)]
-        with tqdm(total=screenings, unit="upload", disable=not progress, file=sys.stderr) as bar:
-            for future in as_completed(futures):
-                results.append(future.result())
-                bar.update(1)
-    return {"results": results, "wall_s": time.perf_counter() - started}
+    load = run_load(upload, screenings, concurrency, screenings, ok_status=(201, 202), warmup=0, desc="uploads",
+                    progress=progress)
+    return {"results": [outcomes[i] for i in sorted(outcomes)], "wall_s": load.wall_s,
+            "latency": stats(load.latencies_s)}
+
+
+def memory_sampler(stack: LoadStack) -> MemorySampler:
+    """bench.driver's sampler over every process of the stack and this client, by role."""
+    sampler = MemorySampler()
+    for label, proc in (("api", stack.api.proc), ("torchserve", stack.torchserve.proc), ("s3", stack.s3.proc)):
+        sampler.track(label, proc.pid)
+    sampler.track("load client", os.getpid())
+    return sampler
+
+
+def rss_report(peaks: dict) -> dict:
+    """'label: role' -> start, peak and end RSS (MiB), from MemorySampler.peaks()."""
+    return {f"{label}: {r}": {"start_mb": p["first_roles_mb"][r], "peak_mb": peak, "end_mb": p["last_roles_mb"][r]}
+            for label, p in peaks.items() for r, peak in p["roles_mb"].items()}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -319,11 +259,11 @@ def _run(args: argparse.Namespace, workdir: Path) -> dict:
         model = stack.torchserve.model_status("dr", MODEL_VERSION)[0]
         served = {"torchserve_workers": len(model["workers"]), "batch_size": model["batchSize"],
                   "max_batch_delay_ms": model["maxBatchDelay"]}
-        sampler = RssSampler(stack)
-        sampler.sample()
+        sampler = memory_sampler(stack)
         sampler.start()
         driven = drive(stack, args.screenings, args.concurrency, args.patients, progress=not args.quiet)
-        memory = sampler.stop()
+        sampler.stop()
+        memory = rss_report(sampler.peaks())
         load_after = os.getloadavg()
         results = driven["results"]
         accepted = {r["id"]: r["sha256"] for r in results if r["status"] in (201, 202)}
@@ -338,7 +278,6 @@ def _run(args: argparse.Namespace, workdir: Path) -> dict:
         report = stack.consistency(accepted)
         extra_rows = report["rows"] - len(accepted)  # rows nobody was told about (each upload is new)
         check = stack.check_storage()
-        seconds = [r["seconds"] for r in results if r["status"] in (201, 202)]
         errors = [r for r in results if r["status"] not in (201, 202)]
         lost = len(report["lost"]) + len(report["sha_mismatch"]) + len(report["rows_without_object"])
         result = {
@@ -362,8 +301,8 @@ def _run(args: argparse.Namespace, workdir: Path) -> dict:
             "rows_not_accepted": extra_rows,
             "check_storage": {"exit": check.returncode, "summary": (check.stdout.strip().splitlines() or [""])[-1]},
             "wall_s": round(driven["wall_s"], 1),
-            "throughput_per_s": round(len(seconds) / driven["wall_s"], 2) if driven["wall_s"] else None,
-            "latency_s": _in_seconds(stats(seconds)),
+            "throughput_per_s": round(len(accepted) / driven["wall_s"], 2) if driven["wall_s"] else None,
+            "latency_s": _in_seconds(driven["latency"]),
             "rss": memory,
         }
         result["ok"] = (result["errors"] == 0 and lost == 0 and not problems(report) and extra_rows == 0
@@ -372,7 +311,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def _in_seconds(ms: dict) -> dict:
-    """The benchmarks' latency summary (bench_load.stats, in ms) in seconds; None when nothing succeeded."""
+    """The benchmarks' latency summary (bench.driver.stats, in ms) in seconds; None when nothing succeeded."""
     return {k: round(ms[f"{k}_ms"] / 1000, 3) if ms else None for k in ("p50", "p95", "p99", "max", "mean")}
 
 

@@ -22,9 +22,9 @@ import time
 import torch
 from flask import Flask, jsonify, request
 
-from handlers import fundus
+from handlers import fundus, quality
 from handlers.network import DRNet
-from scripts.ml.archive import SYNTHETIC_DISCLAIMER
+from scripts.ml.card import SYNTHETIC_DISCLAIMER
 
 
 def load(path: str) -> dict:
@@ -34,7 +34,7 @@ def load(path: str) -> dict:
     model.eval().requires_grad_(False)
     return {"model": model, "labels": ck["grade_labels"], "threshold": int(ck["referable_threshold"]),
             "preprocess": fundus.PreprocessConfig.from_dict(ck["preprocess"]),
-            "quality": fundus.QualityThresholds.from_dict(ck["quality"]),
+            "quality": quality.QualityThresholds.from_dict(ck["quality"]),
             "synthetic": bool(ck["dataset"].get("synthetic"))}
 
 

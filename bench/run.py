@@ -12,8 +12,7 @@ cached under var/bench/) it measures:
               those defaults replaced, as before/after pairs (a 50 ms delay; one worker with two
               torch threads; both at once); connection reuse;
 - api:        the control API end to end (upload -> storage -> TorchServe -> database -> answer), on
-              SQLite + local storage and on PostgreSQL + SeaweedFS S3, and on SQLite + local storage
-              with the image check it replaced (a decode of every upload: bench/before_app.py);
+              SQLite + local storage and on PostgreSQL + SeaweedFS S3;
 - naive:      bench/naive_server.py, one synchronous gunicorn worker with the model in-process;
 - scaling:    listing and summary latency at 1k..1M screenings in PostgreSQL with EXPLAIN plans,
               and process memory over a long run of uploads (the soak).
@@ -55,7 +54,6 @@ class Plan:
     variants: dict                 # settings the archive's defaults replaced -> what changed
     api_config: ServeConfig        # the TorchServe behind the API cells
     api_backends: tuple
-    api_before_concurrency: tuple  # the API with the image check it had before (a full decode)
     naive_concurrency: tuple
     repeats: int                   # per preprocessing step and input
     limit_requests: int
@@ -74,7 +72,6 @@ class Plan:
                 "torchserve_variants": [{**c.to_dict(), "replaced_by_defaults": what}
                                         for c, what in self.variants.items()],
                 "api_torchserve_config": self.api_config.to_dict(), "api_backends": list(self.api_backends),
-                "api_before_concurrency": list(self.api_before_concurrency),
                 "naive_concurrency": list(self.naive_concurrency), "preprocess_repeats": self.repeats,
                 "limit_requests": self.limit_requests, "scaling_rows": list(self.rows),
                 "soak_requests": self.soak_requests, "soak_sample_every": self.soak_every,
@@ -100,7 +97,7 @@ def full_plan() -> Plan:
         variants={BEFORE_DELAY: "maxBatchDelay 50 → 5 ms",
                   BEFORE_THREADS: f"1 worker × {CORES} torch threads → 1 worker per core × 1 thread",
                   BEFORE_ALL: "all of the old archive defaults → the new ones"},
-        api_config=DEFAULTS, api_backends=("embedded", "postgres-s3"), api_before_concurrency=(1, 8),
+        api_config=DEFAULTS, api_backends=("embedded", "postgres-s3"),
         naive_concurrency=(1, 4, 8, 16),
         repeats=5, limit_requests=104, rows=(1_000, 10_000, 100_000, 1_000_000),
         soak_requests=10_000, soak_every=500, scaling_calls=40)
@@ -109,7 +106,7 @@ def full_plan() -> Plan:
 def smoke_plan() -> Plan:
     return Plan(
         concurrency=(1, 4), requests=8, serve_configs=[DEFAULTS], variants={}, api_config=DEFAULTS,
-        api_backends=("embedded", "postgres-s3"), api_before_concurrency=(1,), naive_concurrency=(1, 4), repeats=1,
+        api_backends=("embedded", "postgres-s3"), naive_concurrency=(1, 4), repeats=1,
         limit_requests=8,
         rows=(1_000,), soak_requests=40, soak_every=10, scaling_calls=5, thread_counts=(1,),
         parallel_batches=(8,), smoke=True)
@@ -246,8 +243,6 @@ class Bench:
     def api_section(self, ts, inputs) -> None:
         plan = self.plan
         runs = [(backend, backend, "control_api.wsgi:app", plan.concurrency) for backend in plan.api_backends]
-        # The image check the API had before (bench/before_app.py), before/after on the same TorchServe.
-        runs.append((bench_report.DECODE_CHECK, "embedded", "bench.before_app:app", plan.api_before_concurrency))
         for label, backend, app, levels in runs:
             tqdm.write(f"api {label} (TorchServe {plan.api_config.tag})")
             workdir = self.work / f"api-{label.split(' ')[0]}"

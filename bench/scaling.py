@@ -35,10 +35,18 @@ SELECT md5('bench-patient-' || k)::uuid, 'Benchmark Patient', NULL, NULL, 'unkno
        timestamp '2020-01-01' + k * interval '1 second', timestamp '2020-01-01' + k * interval '1 second'
 FROM generate_series(%(first)s, %(last)s) AS k
 """
-INSERT_SCREENINGS = """
-INSERT INTO screening (id, patient_id, eye, captured_at, camera, image_key, image_size, image_sha256,
-                       content_type, status, created_at, updated_at)
+# Each screening gets an exam of its own with the same id, as schema v3's migration gave older rows.
+INSERT_EXAMS = """
+INSERT INTO exam (id, patient_id, performed_at, created_at)
 SELECT md5('bench-screening-' || g)::uuid, md5('bench-patient-' || ((g - 1) / {per}))::uuid,
+       timestamp '2021-01-01' + g * interval '1 second', timestamp '2021-01-01' + g * interval '1 second'
+FROM generate_series(%(first)s, %(last)s) AS g
+""".format(per=PER_PATIENT)
+INSERT_SCREENINGS = """
+INSERT INTO screening (id, exam_id, patient_id, eye, captured_at, camera, image_key, image_size, image_sha256,
+                       content_type, status, created_at, updated_at)
+SELECT md5('bench-screening-' || g)::uuid, md5('bench-screening-' || g)::uuid,
+       md5('bench-patient-' || ((g - 1) / {per}))::uuid,
        CASE WHEN mod(g, 2) = 0 THEN 'left' ELSE 'right' END, NULL, NULL,
        'screenings/' || md5('bench-screening-' || g)::uuid, 1000000,
        md5('a' || g) || md5('b' || g), 'image/jpeg', 'graded',
@@ -57,10 +65,16 @@ SELECT md5('bench-grading-' || g)::uuid, md5('bench-screening-' || g)::uuid, 'dr
 FROM generate_series(%(first)s, %(last)s) AS g
 """
 TARGET = """
-WITH s AS (
-  INSERT INTO screening (id, patient_id, eye, image_key, image_size, image_sha256, content_type, status,
+WITH e AS (
+  INSERT INTO exam (id, patient_id, performed_at, created_at)
+  SELECT md5('bench-target-' || i)::uuid, %(patient)s::uuid, now()::timestamp - i * interval '1 day',
+         now()::timestamp - i * interval '1 day'
+  FROM generate_series(1, %(n)s) AS i RETURNING id
+), s AS (
+  INSERT INTO screening (id, exam_id, patient_id, eye, image_key, image_size, image_sha256, content_type, status,
                          created_at, updated_at)
-  SELECT md5('bench-target-' || i)::uuid, %(patient)s::uuid, CASE WHEN mod(i, 2) = 0 THEN 'left' ELSE 'right' END,
+  SELECT md5('bench-target-' || i)::uuid, md5('bench-target-' || i)::uuid, %(patient)s::uuid,
+         CASE WHEN mod(i, 2) = 0 THEN 'left' ELSE 'right' END,
          'screenings/' || md5('bench-target-' || i)::uuid, 1000000, md5('t' || i) || md5('u' || i),
          'image/jpeg', 'graded', now()::timestamp - i * interval '1 day', now()::timestamp - i * interval '1 day'
   FROM generate_series(1, %(n)s) AS i RETURNING id, created_at
@@ -174,9 +188,10 @@ def rows_scaling(workdir: Path, sizes: tuple, calls: int, sampler: MemorySampler
                     last_p = (background - 1) // PER_PATIENT
                     if last_p >= first_p:
                         cur.execute(INSERT_PATIENTS, {"first": first_p, "last": last_p})
+                    cur.execute(INSERT_EXAMS, {"first": done + 1, "last": background})
                     cur.execute(INSERT_SCREENINGS, {"first": done + 1, "last": background})
                     cur.execute(INSERT_GRADINGS, {"first": done + 1, "last": background})
-                    cur.execute("ANALYZE patient; ANALYZE screening; ANALYZE grading")
+                    cur.execute("ANALYZE patient; ANALYZE exam; ANALYZE screening; ANALYZE grading")
                 done = background
             insert_s = time.perf_counter() - started
             with conn.cursor() as cur:

@@ -1,7 +1,7 @@
 """The systems under load, started as real processes: TorchServe, the API (gunicorn) on SQLite +
 local storage or on PostgreSQL + SeaweedFS S3, and the naive single-process server.
 
-Each is a context manager that starts the processes through scripts/serving/processes.py, registers their
+Each is a context manager that starts the processes through scripts/serving/processes/, registers their
 process trees with the memory sampler, yields a handle with a `send(session, i)` for the load
 generator, and stops everything on exit.
 """

@@ -15,7 +15,7 @@ from . import audit, auth, cli, errors, keepalive, logs, metrics, ratelimit, sch
 from . import storage as storage_mod
 from . import torchserve as torchserve_mod
 from .blueprints import audit as audit_bp
-from .blueprints import docs, exams, health, patients, screenings, versions
+from .blueprints import console, docs, exams, health, patients, screenings, versions
 from .db import bind, db
 from .settings import Settings
 
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
     for blueprint in (health.blp, patients.blp, exams.blp, screenings.blp, versions.blp, audit_bp.blp):
         api.register_blueprint(blueprint)
     app.register_blueprint(docs.bp)  # not an API resource: left out of the OpenAPI document
+    app.register_blueprint(console.bp)  # static files, outside the OpenAPI document
     errors.register(app)
     if settings.cors_origins:
         CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)}},

@@ -12,7 +12,7 @@ from .auth import create_key, revoke_key
 from .db import db
 from .grading import grade_pending
 from .models import ROLES, ApiKey, Grading, Screening, utcnow
-from .storage import IntegrityError, ObjectMissing, StorageUnavailable, get_storage
+from .storage import ObjectCorrupted, ObjectMissing, StorageUnavailable, get_storage
 from .torchserve import get_client
 
 
@@ -32,13 +32,6 @@ def _migrate() -> None:
 @with_appcontext
 def migrate_command():
     """Create the schema or upgrade it to the latest version (keeps every row)."""
-    _migrate()
-
-
-@click.command("init-db")
-@with_appcontext
-def init_db_command():
-    """Same as `migrate`: an empty database is upgraded from version 0."""
     _migrate()
 
 
@@ -129,7 +122,7 @@ def check_storage():
         except ObjectMissing:
             problems += 1
             click.echo(f"{s.id} missing object {s.image_key}")
-        except IntegrityError:
+        except ObjectCorrupted:
             problems += 1
             click.echo(f"{s.id} SHA-256 mismatch {s.image_key}")
         except StorageUnavailable as exc:  # the network failed, not the object: not a mismatch
@@ -169,7 +162,18 @@ def reconcile(apply_, grace_minutes):
     click.echo(f"{len(orphan_objects)} objects without rows, {len(orphan_rows)} rows without objects {verb}")
 
 
+@click.command("dicom-receiver")
+@with_appcontext
+def dicom_receiver():
+    """Run the DICOM C-STORE receiver (control_api/dicom_receiver.py) until SIGTERM."""
+    from flask import current_app
+
+    from . import dicom_receiver as receiver
+
+    receiver.run(current_app._get_current_object())
+
+
 def register(app) -> None:
-    for command in (migrate_command, init_db_command, keys, grade_pending_command, grade_worker, check_storage,
-                    reconcile):
+    for command in (migrate_command, keys, grade_pending_command, grade_worker, check_storage, reconcile,
+                    dicom_receiver):
         app.cli.add_command(command)

@@ -25,7 +25,8 @@ OUTCOMES = ("refer", "rescreen_12_months", "retake", "pending")
 OUTCOME_MESSAGES = {
     "refer": "More than mild diabetic retinopathy detected: refer to an eye care professional.",
     "rescreen_12_months": "Negative for more than mild diabetic retinopathy: rescreen in 12 months.",
-    "retake": "Insufficient image quality: retake the photographs of the eye(s) without a gradable image.",
+    "retake": ("Insufficient image quality (or an eye not photographed): retake the photographs of the "
+               "eye(s) without a gradable image."),
     "pending": "Grading is still in progress: check again later.",
 }
 OUTCOME_SOURCE = ("outcome wording of the cleared autonomous DR screening products IDx-DR / "

@@ -55,7 +55,7 @@ def _install_wait_callback() -> None:
 def database_for(url: str, statement_timeout: float = 10.0):
     """A peewee Database for `url`, pooled: connections are handed back at the end of each
     request instead of closed. A fresh PostgreSQL connection costs more than most queries here,
-    and closing the last SQLite connection checkpoints the WAL (about 13 ms a request).
+    and closing the last SQLite connection checkpoints the WAL on every request.
     PostgreSQL also gets a short connect timeout, so an unreachable server is a quick 503."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))

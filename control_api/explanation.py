@@ -110,6 +110,17 @@ def overlay_image(photograph: bytes, explanation: dict) -> Image.Image:
     return _with_scale(picture, caption)
 
 
+def _pixels(screening, data: bytes) -> tuple[bytes, str]:
+    """A DICOM photograph is explained and drawn from what the model read: its JPEG frame or PNG."""
+    from . import dicom, images
+
+    if dicom.looks_like_dicom(data):
+        return dicom.read(data, check_pixels=False).model_input()
+    if screening.content_type == dicom.CONTENT_TYPE:  # converted by the caller already
+        return data, images.sniff(data)[1]
+    return data, screening.content_type
+
+
 def for_screening(screening, data: bytes | None = None, *, as_image: bool = False):
     """The overlay PNG of a graded photograph, explained by the model version that graded it.
 
@@ -129,8 +140,9 @@ def for_screening(screening, data: bytes | None = None, *, as_image: bool = Fals
                        "This photograph failed the quality gate, so it has no grade to explain.")
     if data is None:
         data = get_storage().get(screening.image_key, sha256=screening.image_sha256)
+    data, content_type = _pixels(screening, data)
     try:
-        answer = get_client().explain(data, screening.content_type, grading.model_version)
+        answer = get_client().explain(data, content_type, grading.model_version)
     except UnknownModelVersion:
         raise ApiError(409, "model_version_unavailable", "The model version that graded this photograph is no "
                        "longer registered; re-grade the photograph to explain its new grade.") from None

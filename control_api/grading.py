@@ -17,10 +17,10 @@ from datetime import timedelta
 
 from peewee import Case, fn
 
-from . import metrics
+from . import dicom, metrics
 from .db import db
 from .models import Grading, Screening, utcnow
-from .storage import IntegrityError, ObjectMissing, StorageUnavailable
+from .storage import ObjectCorrupted, ObjectMissing, StorageUnavailable
 from .torchserve import ImageRejected, TorchServeClient, TorchServeUnavailable, UnknownModelVersion
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,20 @@ def failed_attempt(screening: Screening) -> bool:
     return False
 
 
-def grade(client: TorchServeClient, screening: Screening, image: bytes, version: str | None = None) -> Grading:
-    """Run the model on `image` and store the grading. TorchServe's exceptions pass through
-    untouched, with nothing written."""
-    prediction = client.predict(image, screening.content_type, version)
+def model_input(screening: Screening, image: bytes) -> tuple[bytes, str]:
+    """What TorchServe reads for this photograph: the stored bytes, or for DICOM its JPEG frame or
+    a lossless PNG of its pixels (control_api/dicom.py says why the API does that step)."""
+    if screening.content_type == dicom.CONTENT_TYPE:
+        return dicom.read(image, check_pixels=False).model_input()
+    return image, screening.content_type
+
+
+def grade(client: TorchServeClient, screening: Screening, image: bytes, version: str | None = None,
+          prepared: tuple[bytes, str] | None = None) -> Grading:
+    """Run the model on `image` (the stored bytes; `prepared` when the caller already has the
+    model input) and store the grading. TorchServe's exceptions pass through untouched, with
+    nothing written."""
+    prediction = client.predict(*(prepared or model_input(screening, image)), version)
     model = prediction.get("model") or {}
     now = utcnow()
     with db.atomic():
@@ -113,7 +123,7 @@ def grade_pending(client, storage, limit: int | None = None, say=lambda line: No
             counts["stopped"] = 1
             say(f"stopped: {exc}; the rest stay pending")
             break
-        except (ImageRejected, ObjectMissing, IntegrityError) as exc:
+        except (ImageRejected, ObjectMissing, ObjectCorrupted) as exc:
             Screening.update(status="failed", grading_started_at=None, updated_at=utcnow()).where(
                 Screening.id == screening.id).execute()
             metrics.SCREENINGS.labels("failed").inc()

@@ -8,18 +8,9 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ApiError
+from handlers import image_limits
 
-# Magic numbers -> (Pillow format, content type we store and send on).
-SIGNATURES = (
-    (b"\xff\xd8\xff", "JPEG", "image/jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "PNG", "image/png"),
-    (b"II*\x00", "TIFF", "image/tiff"),
-    (b"MM\x00*", "TIFF", "image/tiff"),
-)
-# Fundus cameras top out around 24 MP; anything far beyond is a decompression bomb.
-MAX_PIXELS = 60_000_000
-MIN_SIDE = 64
+from .errors import ApiError
 
 
 @dataclass(frozen=True)
@@ -31,10 +22,10 @@ class ImageInfo:
 
 
 def sniff(data: bytes) -> tuple[str, str]:
-    for magic, fmt, content_type in SIGNATURES:
-        if data.startswith(magic):
-            return fmt, content_type
-    raise ApiError(415, "unsupported_media_type", "Send a JPEG, PNG or TIFF photograph.")
+    found = image_limits.sniff(data)
+    if found is None:
+        raise ApiError(415, "unsupported_media_type", "Send a JPEG, PNG or TIFF photograph.")
+    return found
 
 
 def _open_checked(data: bytes, fmt: str, decode: bool) -> tuple[int, int]:
@@ -43,10 +34,9 @@ def _open_checked(data: bytes, fmt: str, decode: bool) -> tuple[int, int]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=[fmt]) as img:
                 width, height = img.size
-                if width * height > MAX_PIXELS:
-                    raise ApiError(422, "image_too_large", f"The image has more than {MAX_PIXELS} pixels.")
-                if min(width, height) < MIN_SIDE:
-                    raise ApiError(422, "image_too_small", f"The image is smaller than {MIN_SIDE} pixels a side.")
+                problem = image_limits.size_problem(width, height)
+                if problem:
+                    raise ApiError(image_limits.SIZE_STATUS, *problem)
                 if decode:
                     if fmt == "JPEG":
                         # Decoding at 1/8 scale still reads every byte of the scan: truncation shows
@@ -56,7 +46,7 @@ def _open_checked(data: bytes, fmt: str, decode: bool) -> tuple[int, int]:
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ApiError(422, "image_too_large", f"The image has more than {MAX_PIXELS} pixels.") from None
+        raise ApiError(image_limits.SIZE_STATUS, *image_limits.too_large()) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         raise ApiError(422, "undecodable_image",
                        f"The file looks like {fmt} but cannot be decoded (truncated or corrupt?).") from None
@@ -67,7 +57,7 @@ def inspect(data: bytes) -> ImageInfo:
     """415 for anything but JPEG/PNG/TIFF; 422 for an unreadable header or a size out of range.
 
     Reads the header only. Decoding the pixels here would repeat TorchServe's work on every
-    upload (19-22 ms for a 10 MP JPEG, 333 ms for a 9 MP PNG; docs/benchmarks/findings.md): TorchServe
+    upload (its cost: docs/benchmarks/findings.md, "applied optimisations" 1): TorchServe
     decodes each image it grades and rejects what it cannot read, and the upload then removes
     what it stored. `verify_decodable` covers the case where TorchServe cannot answer."""
     if not data:

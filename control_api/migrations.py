@@ -189,7 +189,45 @@ def upgrade_v3_to_v4(database) -> None:
         database.execute_sql(sql)
 
 
-STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3, 4: upgrade_v3_to_v4}
+def upgrade_v4_to_v5(database) -> None:
+    """DICOM (issue 11): the UIDs of photographs that came as DICOM, and the state of each exam's
+    report sent back to the PACS as Encapsulated PDF."""
+    v1 = _v1_models(database)
+
+    class DicomInstance(Model):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        screening = ForeignKeyField(v1["Screening"], backref="dicom", unique=True, on_delete="CASCADE")
+        sop_instance_uid = CharField(max_length=64, unique=True)
+        study_instance_uid = CharField(max_length=64, index=True)
+        sop_class_uid = CharField(max_length=64)
+        transfer_syntax = CharField(max_length=64)
+        source = CharField(max_length=16)
+        calling_ae_title = CharField(max_length=16, null=True)
+        created_at = DateTimeField(default=utcnow)
+
+        class Meta:
+            table_name = "dicom_instance"
+
+    exam_model = _v4_exam_model(database, v1)
+
+    class DicomReport(Model):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        exam = ForeignKeyField(exam_model, backref="dicom_reports", unique=True, on_delete="CASCADE")
+        status = CharField(max_length=16)
+        attempts = IntegerField(default=0)
+        images_fingerprint = CharField(max_length=64)
+        last_error = CharField(max_length=64, null=True)
+        sent_at = DateTimeField(null=True)
+        updated_at = DateTimeField(default=utcnow)
+
+        class Meta:
+            table_name = "dicom_report"
+
+    database.bind([DicomInstance, DicomReport], bind_refs=False, bind_backrefs=False)
+    database.create_tables([DicomInstance, DicomReport])
+
+
+STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3, 4: upgrade_v3_to_v4, 5: upgrade_v4_to_v5}
 LATEST = max(STEPS)
 
 

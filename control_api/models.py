@@ -146,6 +146,40 @@ class AuditEvent(BaseModel):
         table_name = "audit_event"
 
 
+class DicomInstance(BaseModel):
+    """A photograph that arrived as DICOM. The SOP Instance UID makes a second store of the same
+    image idempotent; the Study Instance UID groups a study's images. UIDs are never logged."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    screening = ForeignKeyField(Screening, backref="dicom", unique=True, on_delete="CASCADE")
+    sop_instance_uid = CharField(max_length=64, unique=True)
+    study_instance_uid = CharField(max_length=64, index=True)
+    sop_class_uid = CharField(max_length=64)
+    transfer_syntax = CharField(max_length=64)
+    source = CharField(max_length=16)  # "upload" (HTTP) or "receiver" (C-STORE)
+    calling_ae_title = CharField(max_length=16, null=True)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "dicom_instance"
+
+
+class DicomReport(BaseModel):
+    """The exam's report sent to the PACS as Encapsulated PDF (control_api/dicom_report.py)."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    exam = ForeignKeyField(Exam, backref="dicom_reports", unique=True, on_delete="CASCADE")
+    status = CharField(max_length=16)  # pending, sent, failed
+    attempts = IntegerField(default=0)
+    images_fingerprint = CharField(max_length=64)  # which gradings the last report showed
+    last_error = CharField(max_length=64, null=True)
+    sent_at = DateTimeField(null=True)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "dicom_report"
+
+
 class SchemaVersion(BaseModel):
     id = AutoField()
     version = IntegerField()
@@ -155,4 +189,4 @@ class SchemaVersion(BaseModel):
         table_name = "schema_version"
 
 
-MODELS = (ApiKey, Patient, Exam, Screening, Grading, AuditEvent, SchemaVersion)
+MODELS = (ApiKey, Patient, Exam, Screening, Grading, AuditEvent, DicomInstance, DicomReport, SchemaVersion)

@@ -101,8 +101,22 @@ class ExamResult:
 
 def evaluate(exam: Exam) -> ExamResult:
     """The exam's photographs with their latest gradings, each eye's result and the outcome."""
-    images = list(exam.images.order_by(Screening.created_at, Screening.id))
+    return evaluate_many([exam])[0]
+
+
+def evaluate_many(exams: list[Exam]) -> list[ExamResult]:
+    """evaluate() for a page of exams in two queries (photographs, gradings) instead of two each."""
+    images = list(Screening.select().where(Screening.exam.in_([e.id for e in exams]))
+                  .order_by(Screening.created_at, Screening.id)) if exams else []
     attach_latest(images)
+    attach_dicom_reports(exams)
+    by_exam: dict = {e.id: [] for e in exams}
+    for s in images:
+        by_exam[s.exam_id].append(s)
+    return [_result(e, by_exam[e.id]) for e in exams]
+
+
+def _result(exam: Exam, images: list[Screening]) -> ExamResult:
     eyes = {eye: eye_result([s for s in images if s.eye == eye]) for eye in EYES}
     gradings = sorted((s.latest_grading for s in images if s.latest_grading is not None),
                       key=lambda g: g.created_at)
@@ -122,4 +136,21 @@ def as_json(result: ExamResult) -> dict:
             "accession_number": exam.accession_number, "created_at": exam.created_at,
             "outcome": result.outcome, "message": result.message,
             "eyes": {eye: e.to_dict() for eye, e in result.eyes.items()},
-            "images": result.images, "model": result.model, "disclaimer": result.disclaimer}
+            "images": result.images, "model": result.model, "disclaimer": result.disclaimer,
+            "dicom_report": dicom_report_state(exam)}
+
+
+def dicom_report_state(exam) -> dict | None:
+    from .dicom_report import state  # noqa: PLC0415 - pydicom only when an exam is shown
+
+    return state(exam)
+
+
+def attach_dicom_reports(exams: list[Exam]) -> None:
+    """The PACS report state of a page of exams in one query (control_api/dicom_report.py)."""
+    from .models import DicomReport  # noqa: PLC0415
+
+    rows = {r.exam_id: r for r in DicomReport.select().where(DicomReport.exam.in_([e.id for e in exams]))} \
+        if exams else {}
+    for exam in exams:
+        exam._dicom_report_row = rows.get(exam.id)

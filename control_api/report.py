@@ -29,6 +29,7 @@ from . import codes, explanation
 from .errors import ApiError
 from .models import Patient
 from .outcome import ExamResult
+from .grading import model_input
 from .storage import get_storage
 from .torchserve import TorchServeUnavailable
 
@@ -71,8 +72,10 @@ def _when(value: datetime | None) -> str:
 
 
 def _photograph(screening) -> bytes | None:
+    """The photograph's pixels as JPEG/PNG/TIFF bytes (a DICOM photograph's frame or PNG)."""
     try:
-        return get_storage().get(screening.image_key, sha256=screening.image_sha256)
+        data = get_storage().get(screening.image_key, sha256=screening.image_sha256)
+        return model_input(screening, data)[0]
     except Exception as exc:  # a missing object must not cost the whole report
         log.warning("report photograph unavailable", extra={"screening_id": str(screening.id),
                                                            "error_type": type(exc).__name__})
@@ -164,8 +167,8 @@ def _eye_section(eye: str, result, s) -> list:
             s["small"])]
     layout = Table([[thumbs, right]], colWidths=[84 * mm, 96 * mm], hAlign="LEFT")
     layout.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("LEFTPADDING", (0, 0), (-1, -1), 0)]))
-    parts.append(KeepTogether([Spacer(1, 1 * mm), layout]))
-    return parts
+    parts += [Spacer(1, 1 * mm), layout]
+    return [KeepTogether(parts)]  # an eye's heading never sits apart from its photographs
 
 
 def _banner(text: str, s) -> Table:

@@ -179,13 +179,6 @@ class Grading(Schema):
     created_at = UTCDateTime()
 
 
-class ImageInfo(Schema):
-    content_type = fields.String()
-    size = fields.Integer()
-    sha256 = fields.String()
-    url = fields.String(metadata={"description": "GET it (with the API key) for the original bytes"})
-
-
 class Screening(Schema):
     id = fields.UUID()
     patient_id = fields.UUID(attribute="patient_id")
@@ -223,8 +216,11 @@ class ImageFile(Upload):
 
 
 class ExamImageUpload(Schema):
-    image = ImageFile(required=True, metadata={"description": "JPEG, PNG or TIFF, stored unchanged"})
-    eye = fields.String(required=True, validate=validate.OneOf(EYES))
+    image = ImageFile(required=True, metadata={"description": (
+        "JPEG, PNG, TIFF or DICOM Part 10 (Ophthalmic Photography 8 Bit, VL Photographic or "
+        "Secondary Capture colour; docs/api.md), stored unchanged")})
+    eye = fields.String(validate=validate.OneOf(EYES), metadata={"description": (
+        "required unless a DICOM header gives the laterality; must agree with it when both are given")})
     field = fields.String(load_default="other", validate=validate.OneOf(FIELDS),
                           metadata={"description": "disc (disc-centred), macula (macula-centred) or other"})
     captured_at = UTCDateTime(validate=_not_future_time,
@@ -235,6 +231,12 @@ class ExamImageUpload(Schema):
 class ScreeningUpload(ExamImageUpload):
     exam_id = fields.UUID(metadata={"description": "an exam of this patient to add the photograph to; "
                                                    "without it the photograph opens an exam of its own"})
+
+
+class ImageArgs(Schema):
+    redirect = fields.Boolean(load_default=True, metadata={"description": (
+        "false: the API sends the bytes itself instead of redirecting to a presigned S3 URL "
+        "(for a page whose Content-Security-Policy allows only the API's origin)")})
 
 
 class GradeRequest(Schema):
@@ -294,6 +296,13 @@ class EyeResult(Schema):
         "description": "why its ungradable photographs failed the quality gate"})
 
 
+class DicomReportState(Schema):
+    status = fields.String(validate=validate.OneOf(("pending", "sent", "failed")))
+    attempts = fields.Integer()
+    sent_at = UTCDateTime(allow_none=True)
+    last_error = fields.String(allow_none=True)
+
+
 class Exam(Schema):
     id = fields.UUID()
     patient_id = fields.UUID()
@@ -306,6 +315,8 @@ class Exam(Schema):
     images = fields.List(fields.Nested(Screening), metadata={"description": "its photographs, oldest first"})
     model = fields.Nested(ModelRef, allow_none=True)
     disclaimer = fields.String(allow_none=True)
+    dicom_report = fields.Nested(DicomReportState, allow_none=True, metadata={
+        "description": "the report sent to the PACS as DICOM Encapsulated PDF; null when none (README DICOM)"})
 
 
 class ExamPage(Schema):

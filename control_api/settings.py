@@ -59,6 +59,16 @@ class Settings:
     gunicorn_threads: int = setting("GUNICORN_THREADS", 4, "threads per gunicorn worker")
     gunicorn_timeout: int = setting("GUNICORN_TIMEOUT", 0, "worker timeout; 0 means TorchServe's + 30 s")
     prometheus_multiproc_dir: str = setting("PROMETHEUS_MULTIPROC_DIR", "", "metrics files of gunicorn workers")
+    # The DICOM C-STORE receiver (control_api/dicom_receiver.py), a process of its own.
+    dicom_host: str = setting("DICOM_HOST", "127.0.0.1", "address the DICOM receiver binds")
+    dicom_port: int = setting("DICOM_PORT", 11112, "DICOM port of the receiver")
+    dicom_ae_title: str = setting("DICOM_AE_TITLE", "CLARITY", "the receiver's AE title (called AE)")
+    dicom_allowed_ae_titles: tuple = setting("DICOM_ALLOWED_AE_TITLES", (),
+                                             "comma-separated calling AE titles; empty refuses all")
+    dicom_spool_dir: str = setting("DICOM_SPOOL_DIR", "var/dicom-spool", "received files not yet ingested")
+    dicom_health_port: int = setting("DICOM_HEALTH_PORT", 11113, "receiver's /healthz, /readyz, /metrics")
+    dicom_report_destination: str = setting("DICOM_REPORT_DESTINATION", "",
+                                            "AE@host:port that gets exam reports as Encapsulated PDF; empty: none")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -77,7 +87,7 @@ class Settings:
         if self.storage_backend == "s3" and not self.s3_bucket_name:
             raise SettingsError("S3_BUCKET_NAME is required when STORAGE_BACKEND=s3")
         for name in ("port", "max_upload_bytes", "s3_presign_ttl_seconds", "gunicorn_threads",
-                     "torchserve_timeout_seconds"):
+                     "torchserve_timeout_seconds", "dicom_port", "dicom_health_port"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be positive")
         if self.s3_presign_ttl_seconds > MAX_PRESIGN_TTL_SECONDS:
@@ -85,6 +95,17 @@ class Settings:
             raise SettingsError(f"S3_PRESIGN_TTL_SECONDS must be at most {MAX_PRESIGN_TTL_SECONDS}")
         if isinstance(self.cors_origins, str):
             object.__setattr__(self, "cors_origins", _origins(self.cors_origins))
+        if isinstance(self.dicom_allowed_ae_titles, str):
+            object.__setattr__(self, "dicom_allowed_ae_titles", _origins(self.dicom_allowed_ae_titles))
+        if self.dicom_report_destination:
+            from .dicom_report import parse_destination  # noqa: PLC0415 - avoids pydicom for every import
+
+            try:
+                parse_destination(self.dicom_report_destination)
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
+        if not 1 <= len(self.dicom_ae_title.strip()) <= 16:
+            raise SettingsError("DICOM_AE_TITLE must be 1-16 characters")
 
     @property
     def torchserve_max_in_flight_effective(self) -> int:

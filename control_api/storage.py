@@ -34,7 +34,7 @@ class ObjectMissing(StorageError):
     code = "image_missing"
 
 
-class IntegrityError(StorageError):
+class ObjectCorrupted(StorageError):
     """The bytes read back do not hash to what was stored."""
 
     code = "image_corrupted"
@@ -62,7 +62,7 @@ def _check_key(key: str) -> str:
 
 def _verify(key: str, data: bytes, sha256: str | None) -> bytes:
     if sha256 is not None and sha256_hex(data) != sha256:
-        raise IntegrityError(f"object {key} does not match its SHA-256")
+        raise ObjectCorrupted(f"object {key} does not match its SHA-256")
     return data
 
 
@@ -207,7 +207,7 @@ class S3Storage(Storage):
         try:
             data = response["Body"].read()
         except FlexibleChecksumError as exc:  # S3's SHA-256 of the object does not match the bytes
-            raise IntegrityError(f"object {key} failed its checksum") from exc
+            raise ObjectCorrupted(f"object {key} failed its checksum") from exc
         except Exception as exc:
             # A read timeout, a connection closed mid-body, a short read: the network failed,
             # not the object. Retryable (503), never reported as a corrupted image.

@@ -31,9 +31,10 @@ class TorchServeUnavailable(Exception):
 
 
 class ImageRejected(Exception):
-    """The model server refused this one image (its 4xx); retrying will not help."""
+    """The model server refused this one image (its 4xx); retrying will not help. Arguments by name,
+    in the order of the handler's own fundus.ImageRejected(code, status, message)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, *, code: str, status: int, message: str):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
 
@@ -127,14 +128,15 @@ class TorchServeClient:
             # Our handler answers {"code": "...", "message": "..."}; TorchServe's own 413 is bare.
             body = body if isinstance(body, dict) else {}
             code = body.get("code") if isinstance(body.get("code"), str) else "rejected_by_model_server"
-            raise ImageRejected(response.status_code, code,
-                                body.get("message") or "The model server refused the image.")
+            raise ImageRejected(code=code, status=response.status_code,
+                                message=body.get("message") or "The model server refused the image.")
         if response.status_code == 500 and isinstance(body, dict) and isinstance(body.get("code"), str):
             # Our handler failed on this one image (context.set_response_status, the others in
             # its batch were answered): the image, not the server. Asking again gives the same
             # answer, so it is a rejection, not "TorchServe unavailable" (which kept it pending
             # and stopped grade-pending at it for ever).
-            raise ImageRejected(500, body["code"], body.get("message") or "The model failed on this image.")
+            raise ImageRejected(code=body["code"], status=500,
+                                message=body.get("message") or "The model failed on this image.")
         raise TorchServeUnavailable(f"TorchServe answered {response.status_code}", reached=True)
 
     @_retry_connect

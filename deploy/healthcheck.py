@@ -1,11 +1,13 @@
-"""Container health check for both images (stdlib only: the slim images carry no curl).
+"""Container health check for both images (the slim images carry no curl).
 
     healthcheck.py http://127.0.0.1:8000/healthz        # 200 means healthy
     healthcheck.py --model dr http://127.0.0.1:8081     # TorchServe: the model's default
                                                         # version has a READY worker
 
 TorchServe's /ping answers Healthy before a model has loaded, so the TorchServe image asks
-the management API whether a worker is READY instead. Exit status 0 = healthy, 1 = not.
+the management API whether a worker is READY instead, counted by the tools' management client
+(scripts/serving/management.py, on the serving image's PYTHONPATH; the URL check needs only the
+standard library, as the API image carries no scripts/). Exit status 0 = healthy, 1 = not.
 """
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ def check_model(management_url: str, model: str, timeout: float) -> str | None:
     status, body = _get(url, timeout)
     if status != 200:
         return f"{url} answered {status}"
-    versions = json.loads(body)
-    if not any(w.get("status") == "READY" for v in versions for w in v.get("workers", [])):
+    from scripts.serving.management import any_ready
+
+    if not any_ready(json.loads(body)):
         return f"model {model} has no READY worker"
     return None
 

@@ -27,9 +27,10 @@ from ts.torch_handler.base_handler import BaseHandler
 try:
     import fundus
     import gradcam
+    import quality
     from network import DRNet
 except ImportError:
-    from handlers import fundus, gradcam
+    from handlers import fundus, gradcam, quality
     from handlers.network import DRNet
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ class DRHandler(BaseHandler):
         gpu_id = properties.get("gpu_id")
         cuda = torch.cuda.is_available() and gpu_id is not None
         self.device = torch.device(f"cuda:{gpu_id}" if cuda else "cpu")
-        self.map_location = self.device.type
 
         self.model = DRNet(arch=self.meta["arch"], num_classes=len(self.meta["grade_labels"]))
         state = torch.load(model_dir / self.meta["weights_file"], map_location=self.device,
@@ -56,7 +56,7 @@ class DRHandler(BaseHandler):
         self.model.to(self.device).eval().requires_grad_(False)
 
         self.preprocess_config = fundus.PreprocessConfig.from_dict(self.meta["preprocess"])
-        self.thresholds = fundus.QualityThresholds.from_dict(self.meta["quality"])
+        self.thresholds = quality.QualityThresholds.from_dict(self.meta["quality"])
         self.labels = self.meta["grade_labels"]
         self.model_info = {"name": self.meta["name"], "version": self.meta["version"],
                            "synthetic_training_data": bool(self.meta["synthetic"])}

@@ -11,7 +11,7 @@ import io
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -21,19 +21,11 @@ from PIL import Image, ImageFilter, ImageOps
 # Inside a .mar every handler file is a top-level module: try that first so a worker runs the
 # code it was archived with even when the repository is on PYTHONPATH too.
 try:
+    import image_limits
     import quality
 except ImportError:
-    from handlers import quality
+    from handlers import image_limits, quality
 
-# Sniffed from the bytes, never from a file name or a content type.
-_MAGIC = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
-DEFAULT_MAX_PIXELS = 60_000_000   # fundus cameras give 5-24 MP; 40000x40000 headers are bombs
-MIN_IMAGE_SIDE = 64               # below this there is nothing to grade
 FIND_SIZE = 160                   # long side of the copy find_disc works on (~0.5% radius error)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -49,46 +41,14 @@ class ImageRejected(ValueError):
         return {"code": self.code, "message": self.message}
 
 
-class _Config:
-    """to_dict/from_dict for the frozen configs stored in checkpoints and model_meta.json."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None):
-        d = dict(d or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(d) - set(known)
-        if unknown:  # a silently ignored setting would preprocess differently from training
-            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 @dataclass(frozen=True)
-class PreprocessConfig(_Config):
+class PreprocessConfig(quality.StoredConfig):
     input_size: int = 224
     ben_graham: bool = True        # subtract the local average colour (Ben Graham, Kaggle DR 2015)
     circular_mask: bool = True     # blank everything outside mask_radius * disc radius
     mask_radius: float = 0.95      # hides the dark rim of the disc
     mean: tuple = (0.485, 0.456, 0.406)   # ImageNet, as the pretrained backbones expect
     std: tuple = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class QualityThresholds(_Config):
-    """Limits of the quality gate (handlers/quality.py); docs/preprocessing.md says how they were set."""
-
-    min_disc_fit: float = 0.85        # no_fundus_detected: IoU of the bright region with the circle
-    max_border: float = 0.25          # no_fundus_detected: brightness outside the circle / inside
-    min_retina_visible: float = 0.5   # too_little_retina: share of the disc inside the frame
-    min_retina_area: float = 0.25     # too_little_retina: share of the frame covered by retina
-    min_brightness: float = 0.10      # too_dark: mean luminance of the retina, 0..1
-    max_brightness: float = 0.75      # overexposed: mean luminance of the retina, 0..1
-    max_saturated: float = 0.15       # overexposed: share of the retina at luminance >= 0.96
-    min_red_dominance: float = 1.15   # not_fundus_colour: mean R / max(mean G, mean B)
-    min_sharpness: float = 0.20       # blurred: std of the Laplacian of green / std of green
-    min_contrast: float = 0.11        # low_contrast: std / mean of green
 
 
 @dataclass(frozen=True)
@@ -104,7 +64,8 @@ class Disc:
 
     @property
     def bbox(self) -> tuple:
-        """Square (left, top, right, bottom) around the circle; may reach outside the image."""
+        """Square (left, top, right, bottom) around the circle; may reach outside the image.
+        The handler reports it with an explanation, so a client can place the Grad-CAM map."""
         x0, y0, side, *_ = _crop_box(self.image_size, self)
         return (x0, y0, x0 + side, y0 + side)
 
@@ -149,7 +110,7 @@ class Prepared:
 
 # ---------------------------------------------------------------- decoding
 
-def decode(data: bytes, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode(data: bytes, *, min_side: int, max_pixels: int = image_limits.MAX_PIXELS) -> Image.Image:
     """Bytes -> RGB image, EXIF-oriented, shrunk while decoding so its shorter side stays >= min_side.
 
     JPEG is scaled in the DCT (draft mode), so a 9 MP photograph is never decoded at full size.
@@ -157,7 +118,7 @@ def decode(data: bytes, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
     """
     if not data:
         raise ImageRejected("empty_image", 400, "The request contained no image data.")
-    fmt = next((name for magic, name in _MAGIC if data.startswith(magic)), None)
+    fmt, _ = image_limits.sniff(data) or (None, None)
     if fmt is None:
         other = _identify(data)
         if other:
@@ -177,7 +138,7 @@ def decode(data: bytes, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
         except ImageRejected:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise _too_large(max_pixels) from None
+            raise ImageRejected(*_with_status(image_limits.too_large(max_pixels))) from None
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
             if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
                 raise ImageRejected("truncated_image", 422,
@@ -201,17 +162,14 @@ def _identify(data: bytes) -> str | None:
 
 
 def _check_size(size: tuple, max_pixels: int) -> None:
-    if size[0] * size[1] > max_pixels:
-        raise _too_large(max_pixels)
-    if min(size) < MIN_IMAGE_SIDE:
-        raise ImageRejected("image_too_small", 422,
-                            f"The image is {size[0]}x{size[1]} pixels; at least "
-                            f"{MIN_IMAGE_SIDE} pixels per side are needed.")
+    problem = image_limits.size_problem(*size, max_pixels)
+    if problem:
+        raise ImageRejected(*_with_status(problem))
 
 
-def _too_large(max_pixels: int) -> ImageRejected:
-    return ImageRejected("image_too_large", 413,
-                         f"The image has more than {max_pixels:,} pixels.")
+def _with_status(problem: tuple[str, str]) -> tuple[str, int, str]:
+    code, message = problem
+    return code, image_limits.SIZE_STATUS, message
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -244,7 +202,7 @@ def find_disc(img: Image.Image) -> Disc | None:
     """
     factor = max(1, round(max(img.size) / FIND_SIZE))
     a = np.asarray(img.reduce(factor) if factor > 1 else img)
-    v = np.maximum(np.maximum(a[:, :, 0], a[:, :, 1]), a[:, :, 2])  # ndarray.max(axis=2) is 30x slower
+    v = np.maximum(np.maximum(a[:, :, 0], a[:, :, 1]), a[:, :, 2])  # much faster than ndarray.max(axis=2)
     lo, hi = np.searchsorted(np.bincount(v.ravel(), minlength=256).cumsum(), (0.05 * v.size, 0.9 * v.size))
     if hi - lo < 8:  # a uniform frame
         return None
@@ -394,7 +352,7 @@ def input_mask(img_size: tuple, disc: Disc, cfg: PreprocessConfig) -> np.ndarray
 # ---------------------------------------------------------------- quality and the whole chain
 
 def assess_quality(img: Image.Image, disc: Disc | None,
-                   thresholds: QualityThresholds = QualityThresholds(), *,
+                   thresholds: quality.QualityThresholds = quality.QualityThresholds(), *,
                    crop: Image.Image | None = None) -> dict:
     """{"gradable", "score", "reasons"}; see handlers/quality.py and docs/preprocessing.md.
     `crop` reuses crop_disc(img, disc, quality.ANALYSIS_SIZE) when the caller already has it."""
@@ -409,7 +367,7 @@ def quality_metrics(img: Image.Image, disc: Disc, *, crop: Image.Image | None = 
 
 
 def prepare(data: bytes, cfg: PreprocessConfig = PreprocessConfig(),
-            thresholds: QualityThresholds = QualityThresholds(), *, normalise: bool = True) -> Prepared:
+            thresholds: quality.QualityThresholds = quality.QualityThresholds(), *, normalise: bool = True) -> Prepared:
     """decode -> find disc -> quality -> crop/resize/normalise, timed; raises ImageRejected.
     normalise=False stops at the crop (tensor None) for training, which augments it first."""
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Image-quality gate for fundus photographs: metrics on a fixed-size disc crop, then thresholds.
+"""Image-quality gate for fundus photographs: its thresholds (QualityThresholds), the metrics on a
+fixed-size disc crop, and the verdict.
 
 Used through handlers/fundus.py (`assess_quality`, `prepare`). The metrics are measured on the disc
 resized to ANALYSIS_SIZE, so the verdict does not depend on the size of the source image.
@@ -6,12 +7,47 @@ docs/preprocessing.md explains each metric and how the thresholds were chosen.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+
 import numpy as np
 from PIL import Image, ImageFilter
 
 ANALYSIS_SIZE = 224      # disc diameter, in pixels, at which quality is measured (= the usual
                          # model input, so prepare() crops once)
 ANALYSIS_RADIUS = 0.9    # measure inside 0.9 r: the rim is dark on every camera
+
+
+class StoredConfig:
+    """to_dict/from_dict for the frozen configs stored in checkpoints and model_meta.json (these
+    thresholds and fundus.PreprocessConfig; it lives here as fundus imports this module)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None):
+        d = dict(d or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(d) - set(known)
+        if unknown:  # a silently ignored setting would preprocess differently from training
+            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class QualityThresholds(StoredConfig):
+    """Limits of the quality gate (the fields _CHECKS names); docs/preprocessing.md says how they were set."""
+
+    min_disc_fit: float = 0.85        # no_fundus_detected: IoU of the bright region with the circle
+    max_border: float = 0.25          # no_fundus_detected: brightness outside the circle / inside
+    min_retina_visible: float = 0.5   # too_little_retina: share of the disc inside the frame
+    min_retina_area: float = 0.25     # too_little_retina: share of the frame covered by retina
+    min_brightness: float = 0.10      # too_dark: mean luminance of the retina, 0..1
+    max_brightness: float = 0.75      # overexposed: mean luminance of the retina, 0..1
+    max_saturated: float = 0.15       # overexposed: share of the retina at luminance >= 0.96
+    min_red_dominance: float = 1.15   # not_fundus_colour: mean R / max(mean G, mean B)
+    min_sharpness: float = 0.20       # blurred: std of the Laplacian of green / std of green
+    min_contrast: float = 0.11        # low_contrast: std / mean of green
 
 
 # Checks run in stages; a failing stage stops the later ones, whose measurements would not mean
@@ -82,7 +118,7 @@ def erode(mask: np.ndarray, k: int) -> np.ndarray:
 def verdict(metrics: dict | None, thresholds) -> dict:
     """{"gradable", "score", "reasons"}; metrics None means no disc was found.
 
-    `thresholds` is a fundus.QualityThresholds (read by attribute, field names as in _CHECKS).
+    `thresholds` is a QualityThresholds.
 
     The score is the lowest of the per-check scores, each 0.5 exactly at its threshold, so
     gradable <=> score >= 0.5, and it falls as any measure moves towards or past its limit.

@@ -11,6 +11,7 @@ pytest_plugins = [
     "tests.plugins.model",
     "tests.plugins.api",
     "tests.plugins.stack",
+    "tests.plugins.dicom",
 ]
 
 

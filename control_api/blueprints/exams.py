@@ -105,7 +105,7 @@ def list_exams(args, patient_id):
     patient = get_patient(patient_id)
     rows, next_cursor = page(Exam.select().where(Exam.patient == patient), (Exam.performed_at, Exam.id),
                              args.get("cursor"), args["limit"])
-    return {"items": [outcome.as_json(outcome.evaluate(e)) for e in rows], "next_cursor": next_cursor}
+    return {"items": [outcome.as_json(r) for r in outcome.evaluate_many(rows)], "next_cursor": next_cursor}
 
 
 @blp.route("/<uuid:exam_id>", methods=["GET"])

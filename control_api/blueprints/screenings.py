@@ -19,13 +19,13 @@ import uuid
 import peewee
 from flask import Response, current_app, g, redirect, request
 
-from .. import explanation, images, metrics, schemas
+from .. import dicom, explanation, images, metrics, schemas
 from ..audit import audited, on_rollback, target
 from ..auth import ADMIN, CLINICAL, require_role, roles
 from ..db import db
 from ..errors import RETRY_AFTER_SECONDS, ApiError
 from ..grading import failed_attempt, grade, release
-from ..models import Exam, Grading, Patient, Screening, utcnow
+from ..models import DicomInstance, Exam, Grading, Patient, Screening, utcnow
 from ..outcome import attach_latest
 from ..pagination import page
 from ..ratelimit import limiter, regrade_limit, upload_limit
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 blp = Blueprint("screenings", __name__, url_prefix="/api/v1/patients/<uuid:patient_id>/screenings",
                 description="Eye photographs and their gradings")
 
+EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/tiff": "tiff", dicom.CONTENT_TYPE: "dcm"}
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
 IDEMPOTENCY_HEADER = {"in": "header", "name": "Idempotency-Key", "required": False,
                       "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
@@ -51,6 +52,33 @@ def get_screening(patient_id, screening_id) -> Screening:
         get_patient(patient_id)  # a missing patient is the better message
         raise ApiError(404, "screening_not_found", "This patient has no screening with this id.")
     return screening
+
+
+def stored_instance(image: dicom.DicomImage, patient) -> Screening | None:
+    """The screening a DICOM file with this SOP Instance UID already made (a resend is idempotent);
+    409 when it belongs to another patient."""
+    row = DicomInstance.get_or_none(DicomInstance.sop_instance_uid == image.sop_instance_uid)
+    if row is None:
+        return None
+    if row.screening.patient_id != patient.id:
+        raise ApiError(409, "dicom_instance_exists",
+                       "A DICOM file with this SOP Instance UID is already stored for another patient.")
+    return row.screening
+
+
+def study_exam(study_instance_uid: str, patient) -> Exam | None:
+    """The exam an earlier photograph of this DICOM study went to (one exam per study)."""
+    row = (DicomInstance.select(DicomInstance, Screening).join(Screening)
+           .where((DicomInstance.study_instance_uid == study_instance_uid) & (Screening.patient == patient.id))
+           .first())
+    return row.screening.exam if row else None
+
+
+def record_instance(screening: Screening, image: dicom.DicomImage, source: str, calling_ae: str | None = None):
+    return DicomInstance.create(
+        screening=screening, sop_instance_uid=image.sop_instance_uid, study_instance_uid=image.study_instance_uid,
+        sop_class_uid=image.sop_class_uid, transfer_syntax=image.transfer_syntax, source=source,
+        calling_ae_title=calling_ae)
 
 
 def _location(s: Screening) -> str:
@@ -75,9 +103,9 @@ def _read_upload(upload) -> bytes:
     return data
 
 
-def _fingerprint(patient_id, form: dict, sha256: str, exam_id) -> str:
-    captured = form.get("captured_at")
-    parts = [str(patient_id), form["eye"], captured.isoformat() if captured else None, form.get("camera"), sha256]
+def _fingerprint(patient_id, photo: dicom.Photo, form: dict, sha256: str, exam_id) -> str:
+    captured = photo.captured_at
+    parts = [str(patient_id), photo.eye, captured.isoformat() if captured else None, photo.camera, sha256]
     # Appended only when used, so uploads made before exams existed still replay.
     if exam_id is not None:
         parts += ["exam", str(exam_id)]
@@ -101,6 +129,7 @@ def _discard(screening: Screening, new_exam: Exam | None) -> None:
     and the exam it opened, if it opened one."""
     with db.atomic():
         Grading.delete().where(Grading.screening == screening.id).execute()
+        DicomInstance.delete().where(DicomInstance.screening == screening.id).execute()
         Screening.delete().where(Screening.id == screening.id).execute()
         if new_exam is not None:
             Exam.delete().where(Exam.id == new_exam.id).execute()
@@ -124,28 +153,33 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
         raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters.")
     data = _read_upload(form["image"])
-    info = images.inspect(data)
+    photo = dicom.photo_from_upload(data, form["image"].mimetype, form, patient)
     sha256 = sha256_hex(data)
-    fingerprint = _fingerprint(patient.id, form, sha256, exam.id if exam else None)
+    fingerprint = _fingerprint(patient.id, photo, form, sha256, exam.id if exam else None)
     if idempotency_key and (earlier := _previous(idempotency_key, fingerprint)):
         target(resource_id=earlier.id)
         return earlier, True
+    if photo.dicom and (earlier := stored_instance(photo.dicom, patient)):
+        target(resource_id=earlier.id)
+        return earlier, True
+    if exam is None and photo.dicom:
+        exam = study_exam(photo.dicom.study_instance_uid, patient)  # one exam per DICOM study
 
     new_exam = None
     if exam is None:
-        new_exam = exam = Exam(id=uuid.uuid4(), patient=patient, performed_at=form.get("captured_at") or utcnow(),
+        new_exam = exam = Exam(id=uuid.uuid4(), patient=patient, performed_at=photo.captured_at or utcnow(),
                                created_by=g.api_key.id)
     screening_id = uuid.uuid4()
     screening = Screening(
-        id=screening_id, patient=patient, exam=exam, eye=form["eye"], field=form.get("field") or "other",
-        captured_at=form.get("captured_at"),
-        camera=form.get("camera"), image_key=screening_key(screening_id), image_size=len(data),
-        image_sha256=sha256, content_type=info.content_type, status="pending",
+        id=screening_id, patient=patient, exam=exam, eye=photo.eye, field=form.get("field") or "other",
+        captured_at=photo.captured_at,
+        camera=photo.camera, image_key=screening_key(screening_id), image_size=len(data),
+        image_sha256=sha256, content_type=photo.content_type, status="pending",
         created_by=g.api_key.id, idempotency_key=idempotency_key, request_fingerprint=fingerprint,
         grading_started_at=utcnow())
     storage = get_storage()
     with metrics.STORAGE_SECONDS.labels(storage.name, "put").time():
-        storage.put(screening.image_key, data, content_type=info.content_type, sha256=sha256)
+        storage.put(screening.image_key, data, content_type=photo.content_type, sha256=sha256)
     # The row is in the view's transaction (audit.py): if that rolls back, the object goes too.
     on_rollback(lambda: _delete_object(screening.image_key))
     try:
@@ -153,10 +187,14 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
             if new_exam is not None:
                 new_exam.save(force_insert=True)
             screening.save(force_insert=True)
+            if photo.dicom:
+                record_instance(screening, photo.dicom, source="upload")
     except peewee.IntegrityError:
         # Two requests with one Idempotency-Key raced; the other one's row won.
         _delete_object(screening.image_key)
         earlier = _previous(idempotency_key, fingerprint) if idempotency_key else None
+        if earlier is None and photo.dicom:
+            earlier = stored_instance(photo.dicom, patient)  # the same SOP instance, sent twice at once
         if earlier is None:
             raise
         target(resource_id=earlier.id)
@@ -167,14 +205,16 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
     target(resource_id=screening.id)
     log.info("screening stored", extra={"screening_id": str(screening.id), "patient_id": str(patient.id),
                                         "exam_id": str(exam.id), "bytes": len(data),
-                                        "content_type": info.content_type})
+                                        "content_type": photo.content_type})
 
     try:
-        grade(get_client(), screening, data)
+        grade(get_client(), screening, data, prepared=photo.dicom.model_input() if photo.dicom else None)
     except (TorchServeUnavailable, UnknownModelVersion) as exc:
         # No model read the bytes, so check them here: an undecodable image is never kept pending.
+        # (dicom.read already decoded a DICOM photograph's pixels.)
         try:
-            images.verify_decodable(data, info)
+            if not photo.dicom:
+                images.verify_decodable(data, images.inspect(data))
         except ApiError:
             _discard(screening, new_exam)
             raise
@@ -244,17 +284,18 @@ def read_screening(patient_id, screening_id):
 @blp.route("/<uuid:screening_id>/image", methods=["GET"])
 @roles(*CLINICAL)
 @audited("screening.image.read", "screening")
-@blp.response(200, content_type="image/*", description="The original bytes (local storage)")
+@blp.response(200, content_type="image/*", description="The original bytes (local storage, or redirect=false)")
 @blp.alt_response(302, description="Redirect to a short-lived presigned URL (S3 storage)")
-def read_image(patient_id, screening_id):
+@blp.arguments(schemas.ImageArgs, location="query")
+def read_image(args, patient_id, screening_id):
     screening = get_screening(patient_id, screening_id)
     storage = get_storage()
-    url = storage.download_url(screening.image_key, content_type=screening.content_type)
+    url = storage.download_url(screening.image_key, content_type=screening.content_type) if args["redirect"] else None
     if url:
         return redirect(url, 302)
     with metrics.STORAGE_SECONDS.labels(storage.name, "get").time():
         data = storage.get(screening.image_key, sha256=screening.image_sha256)
-    extension = screening.content_type.split("/")[1].replace("jpeg", "jpg")
+    extension = EXTENSIONS.get(screening.content_type, "bin")
     return Response(data, mimetype=screening.content_type, headers={
         "Content-Disposition": f'inline; filename="{screening.id}.{extension}"',
         "X-Content-SHA256": screening.image_sha256})

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from handlers import fundus
+from handlers import fundus, quality
 from handlers.network import ARCHS, DRNet
 from scripts.files import sha256_file
+from scripts.ml.card import GENERAL_DISCLAIMER, SYNTHETIC_DISCLAIMER, archive_card
 
 REPO = Path(__file__).resolve().parents[2]
 HANDLERS = REPO / "handlers"
@@ -34,8 +35,6 @@ MODEL_FILE = HANDLERS / "network.py"
 CHECKPOINT_FORMAT = "clarity-dr-checkpoint/1"
 META_FORMAT = "clarity-dr-model/1"
 WEIGHTS_FILE = "weights.pt"
-SYNTHETIC_DISCLAIMER = "Demo model trained on synthetic images. Not for clinical use."
-GENERAL_DISCLAIMER = "Screening aid only; not validated for clinical use."
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
@@ -68,7 +67,7 @@ def load_checkpoint(path: Path) -> dict:
         raise ArchiveError(f"{path}: dataset.synthetic is not recorded; the card must say it")
     try:  # the handler will parse these: fail here rather than in a worker
         fundus.PreprocessConfig.from_dict(ck["preprocess"])
-        fundus.QualityThresholds.from_dict(ck["quality"])
+        quality.QualityThresholds.from_dict(ck["quality"])
     except (TypeError, ValueError) as exc:
         raise ArchiveError(f"{path}: {exc}") from None
     return ck
@@ -98,7 +97,7 @@ def model_meta(ck: dict, name: str, version: str, weights_sha256: str) -> dict:
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": weights_sha256,
         "preprocess": fundus.PreprocessConfig.from_dict(ck["preprocess"]).to_dict(),
-        "quality": fundus.QualityThresholds.from_dict(ck["quality"]).to_dict(),
+        "quality": quality.QualityThresholds.from_dict(ck["quality"]).to_dict(),
         "grade_labels": list(ck["grade_labels"]),
         "referable_threshold": int(ck["referable_threshold"]),
         "synthetic": synthetic,
@@ -108,66 +107,6 @@ def model_meta(ck: dict, name: str, version: str, weights_sha256: str) -> dict:
         "trained_at": ck.get("created_at"),
         "archived_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _flat_scalars(d, prefix=""):
-    """('a.b', 0.93) pairs for the numbers in a nested metrics dict."""
-    for key, value in (d or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flat_scalars(value, f"{name}.")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            yield name, value
-
-
-def model_card(ck: dict, meta: dict, n_params: int) -> str:
-    ds = meta["dataset"]
-    lines = [f"# Model card: `{meta['name']}` version {meta['version']}", ""]
-    if meta["synthetic"]:
-        lines += [f"> **{SYNTHETIC_DISCLAIMER}** Its grades say",
-                  "> nothing about real eyes; it exists to exercise the serving stack.", ""]
-    else:
-        lines += [f"> {GENERAL_DISCLAIMER}", ""]
-    lines += [
-        "## Model",
-        f"- Architecture: `{meta['arch']}` backbone + linear head, {meta['num_classes']} classes, "
-        f"{n_params:,} parameters",
-        f"- Grades: " + "; ".join(f"{i} = {label}" for i, label in enumerate(meta["grade_labels"])),
-        f"- Referable: grade >= {meta['referable_threshold']}",
-        f"- Input: {meta['preprocess']['input_size']} px square disc crop; preprocessing "
-        f"`{json.dumps(meta['preprocess'])}`",
-        f"- Quality gate thresholds: `{json.dumps(meta['quality'])}`",
-        "",
-        "## Training data",
-        f"- Dataset: {ds.get('name') or 'unnamed'} ({ds.get('format') or 'unknown format'})",
-        f"- Synthetic: **{'yes' if meta['synthetic'] else 'no'}**",
-        f"- Fingerprint (SHA-256 of labels + file list): `{ds.get('fingerprint')}`",
-        f"- Counts: `{json.dumps(ds.get('counts'))}`",
-        "",
-        "## Held-out metrics",
-    ]
-    metrics = list(_flat_scalars(ck.get("metrics")))
-    if metrics:
-        lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics]
-    else:
-        lines += ["None recorded in the checkpoint."]
-    if meta["synthetic"]:
-        lines += ["", "Metrics on synthetic images do not estimate clinical accuracy."]
-    lines += [
-        "",
-        "## Provenance",
-        f"- Weights: `{meta['weights_file']}`, float32 state dict, SHA-256 `{meta['weights_sha256']}`",
-        f"- Code revision: `{meta['code_revision']}`",
-        f"- Trained: {meta['trained_at'] or 'unknown'}; archived: {meta['archived_at']}",
-        "",
-        "## Intended use and limits",
-        "Decision support for diabetic-retinopathy screening programmes, with every grade reviewed",
-        "by a qualified grader. Images that fail the quality gate are not graded. No claim of",
-        "clinical accuracy is made.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def model_config_yaml(batch_size: int, max_batch_delay: int, workers: int | None, response_timeout: int,
@@ -207,7 +146,7 @@ def archive(checkpoint: Path, version: str, *, name: str = "dr", model_store: Pa
         torch.save(state, weights)
         meta = model_meta(ck, name, version, sha256_file(weights))
         (stage / "model_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        card = model_card(ck, meta, n_params)
+        card = archive_card(ck, meta, n_params)
         (stage / "MODEL_CARD.md").write_text(card)
         (stage / "model-config.yaml").write_text(
             model_config_yaml(batch_size, max_batch_delay, workers, response_timeout, torch_threads))
@@ -240,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="dr")
     p.add_argument("--model-store", type=Path, default=Path("model_store"))
     p.add_argument("--batch-size", type=int, default=8)
-    # Defaults from docs/benchmarks: a 5 ms delay beat 50 ms by 1.5-2.1x at concurrency 1-8 (batches
+    # Defaults from docs/benchmarks/findings.md: a 5 ms delay beat 50 ms at low concurrency (batches
     # still fill under load), and one single-threaded worker per core beat fewer, wider workers.
     p.add_argument("--max-batch-delay", type=int, default=5, help="milliseconds")
     p.add_argument("--workers", type=int, default=None,

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from handlers import fundus
+from handlers import fundus, quality
 
 # header (lower-case) of the name column and of the grade column
 FORMATS = {
@@ -201,7 +201,7 @@ def select(samples, names) -> list[Sample]:
 
 # --------------------------------------------------------------------------- images
 
-def load_crop(path: Path, cfg: fundus.PreprocessConfig, thresholds: fundus.QualityThresholds):
+def load_crop(path: Path, cfg: fundus.PreprocessConfig, thresholds: quality.QualityThresholds):
     """(rgb S x S uint8, mask S x S bool) of the disc crop, or the quality verdict when ungradable.
 
     `fundus.prepare` stopped before `to_tensor`, so that augmentation can sit between the crop and
@@ -262,7 +262,7 @@ class FundusDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples, cfg: fundus.PreprocessConfig,
-                 thresholds: fundus.QualityThresholds = fundus.QualityThresholds(),
+                 thresholds: quality.QualityThresholds = quality.QualityThresholds(),
                  augment: Augment | None = None, preload: bool = True, workers: int = 1,
                  progress: bool = False):
         self.cfg, self.thresholds, self.augment = cfg, thresholds, augment

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from handlers import fundus
+from handlers import fundus, quality
 from scripts.ml import datasets
 from scripts.files import sha256_file
 from scripts.ml.train import GRADE_LABELS, load_checkpoint, predict, qwk, save_atomic
@@ -211,7 +211,7 @@ def evaluate(checkpoint: Path, data_dir: Path, out: Path, csv_path: Path | None 
     out.mkdir(parents=True, exist_ok=True)
     model, ck = load_checkpoint(checkpoint)
     cfg = fundus.PreprocessConfig.from_dict(ck["preprocess"])
-    thresholds = fundus.QualityThresholds.from_dict(ck["quality"])
+    thresholds = quality.QualityThresholds.from_dict(ck["quality"])
     ref = int(ck["referable_threshold"])
     data = datasets.load(data_dir, csv_path)
     fingerprint = datasets.fingerprint(data.samples)  # stats every image: once

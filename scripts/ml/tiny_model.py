@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from handlers import fundus
+from handlers import fundus, quality
 from handlers.network import DRNet
 from scripts.ml import archive
 
@@ -27,7 +27,7 @@ def make_checkpoint(path: Path, arch: str = TINY_ARCH, input_size: int = TINY_IN
         "num_classes": len(GRADE_LABELS),
         "state_dict": model.state_dict(),
         "preprocess": fundus.PreprocessConfig(input_size=input_size).to_dict(),
-        "quality": fundus.QualityThresholds().to_dict(),
+        "quality": quality.QualityThresholds().to_dict(),
         "grade_labels": GRADE_LABELS,
         "referable_threshold": 2,
         "dataset": {"name": "test-random", "format": "none", "fingerprint": "0" * 64,

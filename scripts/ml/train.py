@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 
 # Must be set before torch loads OpenMP: with busy-waiting threads, a machine shared with other
-# processes ran a training step 6-8x slower on 2 threads than on 1; passive waiting removes that.
+# processes ran a training step several times slower on 2 threads than on 1 (docs/training.md);
+# passive waiting removes that.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
@@ -31,7 +32,7 @@ from sklearn.metrics import cohen_kappa_score  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from handlers import fundus  # noqa: E402
+from handlers import fundus, quality  # noqa: E402
 from handlers.network import ARCHS, DRNet  # noqa: E402
 from scripts.ml import datasets  # noqa: E402
 from scripts.ml.archive import CHECKPOINT_FORMAT  # noqa: E402
@@ -49,7 +50,8 @@ def train_state_path(checkpoint: Path) -> Path:
 
 
 # The code that decides what a checkpoint is: preprocessing, model, data, training loop.
-TRAINING_CODE = ("handlers", "scripts/ml/synth.py", "scripts/ml/datasets.py", "scripts/ml/train.py",
+TRAINING_CODE = ("handlers", "scripts/ml/synth.py", "scripts/ml/synth_anatomy.py", "scripts/ml/synth_lesions.py",
+                 "scripts/ml/datasets.py", "scripts/ml/train.py",
                  "scripts/ml/evaluate.py", "scripts/ml/demo_model.py")
 
 
@@ -171,59 +173,12 @@ def train(args) -> dict:
     """Run training as configured by `build_parser()`; returns the final checkpoint dict."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    progress = not args.quiet
     revision = code_revision()  # once: the code this process runs, whatever changes on disk later
-    data = datasets.load(args.data, args.csv)
-    if args.name:
-        data.name = args.name
-    fractions = {k: f for k, f in (("val", args.val_fraction), ("test", args.test_fraction)) if f > 0}
-    if "val" not in fractions:
-        raise SystemExit("--val-fraction must be > 0: the best epoch is chosen on validation kappa")
-    split = datasets.stratified_split(data.samples, fractions, args.seed)
-    cfg = fundus.PreprocessConfig(input_size=args.input_size, ben_graham=not args.no_ben_graham)
-    thresholds = fundus.QualityThresholds()
-    described = data.describe()
-    described["split"] = {"seed": args.seed, "fractions": fractions,
-                          **{part: sorted(s.name for s in samples) for part, samples in split.items()}}
-
-    state = None
-    if args.resume:
-        state = torch.load(train_state_path(args.resume), map_location="cpu", weights_only=True)
-        for key, now in (("arch", args.arch), ("input_size", args.input_size),
-                         ("fingerprint", described["fingerprint"]), ("seed", args.seed)):
-            if state["run"][key] != now:
-                raise SystemExit(f"--resume: {key} was {state['run'][key]!r}, now {now!r}")
-
-    t0 = time.perf_counter()
-    train_ds = datasets.FundusDataset(split["train"], cfg, thresholds, datasets.Augment(),
-                                      preload=not args.no_cache, workers=args.workers, progress=progress)
-    val_ds = datasets.FundusDataset(split["val"], cfg, thresholds, None,
-                                    preload=not args.no_cache, workers=args.workers, progress=progress)
-    rejected = [(s.name, r["reasons"]) for ds in (train_ds, val_ds) for s, r in ds.rejected]
-    if rejected:
-        print(f"left out {len(rejected)} ungradable images (first: {rejected[0]})")
-    if not len(train_ds) or not len(val_ds):
-        raise SystemExit("no gradable images to train or validate on")
-    preprocess_s = time.perf_counter() - t0
-
-    loader_workers = 0 if not args.no_cache else args.workers
-    sampler = None
-    weights = None
-    if args.balance == "loss":
-        weights = class_weights(train_ds.grades)
-    elif args.balance == "sampler":
-        w = class_weights(train_ds.grades, power=1.0)[train_ds.grades]
-        sampler = torch.utils.data.WeightedRandomSampler(w.double(), len(train_ds), replacement=True)
-    train_dl = _loader(train_ds, args.batch_size, shuffle=True, sampler=sampler, workers=loader_workers)
-    val_dl = _loader(val_ds, 2 * args.batch_size, workers=loader_workers)
-
-    model = DRNet(args.arch, len(GRADE_LABELS), str(args.pretrained) if args.pretrained else None)
-    if args.bn_momentum:
-        # torchvision's MobileNetV3 keeps BN statistics with momentum 0.01, made for long ImageNet
-        # runs; in a short run from scratch they lag the weights and eval-mode output collapses.
-        for mod in model.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                mod.momentum = args.bn_momentum
+    data = _data(args)
+    state = _resume_state(args, data["described"]) if args.resume else None
+    weights = class_weights(data["train"].grades) if args.balance == "loss" else None
+    train_dl, val_dl = _loaders(args, data["train"], data["val"])
+    model = _model(args)
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = len(train_dl)
@@ -243,46 +198,25 @@ def train(args) -> dict:
     ck = None
     for epoch in range(start_epoch, args.epochs + 1):
         te = time.perf_counter()
-        model.train()
-        total, n, correct = 0.0, 0, 0
-        bar = tqdm(train_dl, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not progress)
-        for x, y in bar:
-            if len(y) < 2:  # batch norm cannot train on one image
-                continue
-            logits = model(x)
-            loss = criterion(logits, y)
-            correct += int((logits.argmax(1) == y).sum())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(y)
-            n += len(y)
-            bar.set_postfix(loss=f"{total / n:.4f}")
+        train_loss, train_accuracy = _one_epoch(model, train_dl, criterion, opt, sched,
+                                                f"epoch {epoch}/{args.epochs}", not args.quiet)
         y_val, p_val, val_loss = predict(model, val_dl)
         pred = p_val.argmax(1)
-        row = {"epoch": epoch, "train_loss": round(total / max(n, 1), 5),
-               "train_accuracy": round(correct / max(n, 1), 5), "val_loss": round(val_loss, 5),
-               "val_qwk": round(qwk(y_val, pred), 5), "val_accuracy": round(float((pred == y_val).mean()), 5),
+        row = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_accuracy": round(train_accuracy, 5),
+               "val_loss": round(val_loss, 5), "val_qwk": round(qwk(y_val, pred), 5),
+               "val_accuracy": round(float((pred == y_val).mean()), 5),
                "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - te, 2)}
         history.append(row)
         train_s += row["seconds"]
         if best is None or row["val_qwk"] > best["val_qwk"] or \
                 (row["val_qwk"] == best["val_qwk"] and row["val_loss"] < best["val_loss"]):
             best, best_state = dict(row), copy.deepcopy(model.state_dict())
-        print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}  "
-              f"val loss {row['val_loss']:.4f}  "
-              f"val QWK {row['val_qwk']:.4f}  val acc {row['val_accuracy']:.3f}  {row['seconds']:.0f}s"
-              + ("  *" if best["epoch"] == epoch else ""), flush=True)
-
-        ck = checkpoint_dict(args, described, cfg, thresholds, best_state, best, history, revision,
-                             {"train_seconds": round(train_s, 1), "preprocess_seconds": round(preprocess_s, 1),
-                              "train_images": len(train_ds), "val_images": len(val_ds),
-                              "ungradable_left_out": len(rejected),
-                              "class_weights": None if weights is None else [round(float(w), 4) for w in weights]})
+        _print_epoch(row, best)
+        ck = checkpoint_dict(args, data["described"], data["cfg"], data["thresholds"], best_state, best, history,
+                             revision, _run_info(data, train_s, weights))
         save_atomic(ck, args.out)
         save_atomic({"run": {"arch": args.arch, "input_size": args.input_size, "seed": args.seed,
-                             "fingerprint": described["fingerprint"]},
+                             "fingerprint": data["described"]["fingerprint"]},
                      "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                      "history": history, "best": best, "best_state": best_state, "train_seconds": train_s},
@@ -291,6 +225,98 @@ def train(args) -> dict:
         raise SystemExit(f"nothing to do: the run already finished {args.epochs} epochs")
     print(f"best epoch {best['epoch']}: val QWK {best['val_qwk']:.4f}; wrote {args.out}")
     return ck
+
+
+def _data(args) -> dict:
+    """The split, its description, the preprocessing and the train/val datasets (preprocessed)."""
+    data = datasets.load(args.data, args.csv)
+    if args.name:
+        data.name = args.name
+    fractions = {k: f for k, f in (("val", args.val_fraction), ("test", args.test_fraction)) if f > 0}
+    if "val" not in fractions:
+        raise SystemExit("--val-fraction must be > 0: the best epoch is chosen on validation kappa")
+    split = datasets.stratified_split(data.samples, fractions, args.seed)
+    cfg = fundus.PreprocessConfig(input_size=args.input_size, ben_graham=not args.no_ben_graham)
+    thresholds = quality.QualityThresholds()
+    described = data.describe()
+    described["split"] = {"seed": args.seed, "fractions": fractions,
+                          **{part: sorted(s.name for s in samples) for part, samples in split.items()}}
+    t0 = time.perf_counter()
+    sets = {part: datasets.FundusDataset(split[part], cfg, thresholds, augment, preload=not args.no_cache,
+                                         workers=args.workers, progress=not args.quiet)
+            for part, augment in (("train", datasets.Augment()), ("val", None))}
+    rejected = [(s.name, r["reasons"]) for ds in sets.values() for s, r in ds.rejected]
+    if rejected:
+        print(f"left out {len(rejected)} ungradable images (first: {rejected[0]})")
+    if not len(sets["train"]) or not len(sets["val"]):
+        raise SystemExit("no gradable images to train or validate on")
+    return {**sets, "described": described, "cfg": cfg, "thresholds": thresholds, "rejected": rejected,
+            "preprocess_s": time.perf_counter() - t0}
+
+
+def _resume_state(args, described: dict) -> dict:
+    state = torch.load(train_state_path(args.resume), map_location="cpu", weights_only=True)
+    for key, now in (("arch", args.arch), ("input_size", args.input_size),
+                     ("fingerprint", described["fingerprint"]), ("seed", args.seed)):
+        if state["run"][key] != now:
+            raise SystemExit(f"--resume: {key} was {state['run'][key]!r}, now {now!r}")
+    return state
+
+
+def _loaders(args, train_ds, val_ds):
+    loader_workers = 0 if not args.no_cache else args.workers
+    sampler = None
+    if args.balance == "sampler":
+        w = class_weights(train_ds.grades, power=1.0)[train_ds.grades]
+        sampler = torch.utils.data.WeightedRandomSampler(w.double(), len(train_ds), replacement=True)
+    return (_loader(train_ds, args.batch_size, shuffle=True, sampler=sampler, workers=loader_workers),
+            _loader(val_ds, 2 * args.batch_size, workers=loader_workers))
+
+
+def _model(args) -> DRNet:
+    model = DRNet(args.arch, len(GRADE_LABELS), str(args.pretrained) if args.pretrained else None)
+    if args.bn_momentum:
+        # torchvision's MobileNetV3 keeps BN statistics with momentum 0.01, made for long ImageNet
+        # runs; in a short run from scratch they lag the weights and eval-mode output collapses.
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.momentum = args.bn_momentum
+    return model
+
+
+def _one_epoch(model, loader, criterion, opt, sched, desc: str, progress: bool) -> tuple[float, float]:
+    """One pass over the training data; (mean loss, accuracy)."""
+    model.train()
+    total, n, correct = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
+    for x, y in bar:
+        if len(y) < 2:  # batch norm cannot train on one image
+            continue
+        logits = model(x)
+        loss = criterion(logits, y)
+        correct += int((logits.argmax(1) == y).sum())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item() * len(y)
+        n += len(y)
+        bar.set_postfix(loss=f"{total / n:.4f}")
+    return total / max(n, 1), correct / max(n, 1)
+
+
+def _print_epoch(row: dict, best: dict) -> None:
+    print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}  "
+          f"val loss {row['val_loss']:.4f}  "
+          f"val QWK {row['val_qwk']:.4f}  val acc {row['val_accuracy']:.3f}  {row['seconds']:.0f}s"
+          + ("  *" if best["epoch"] == row["epoch"] else ""), flush=True)
+
+
+def _run_info(data: dict, train_s: float, weights) -> dict:
+    return {"train_seconds": round(train_s, 1), "preprocess_seconds": round(data["preprocess_s"], 1),
+            "train_images": len(data["train"]), "val_images": len(data["val"]),
+            "ungradable_left_out": len(data["rejected"]),
+            "class_weights": None if weights is None else [round(float(w), 4) for w in weights]}
 
 
 def checkpoint_dict(args, described, cfg, thresholds, best_state, best, history, revision, run_info) -> dict:

@@ -11,9 +11,7 @@
 
 `promote` records the default it replaces in <model store>/.defaults.json
 ({"<name>": ["<older default>", ..., "<previous default>"]}); `rollback` pops the last entry.
-TorchServe keeps no such history itself. The functions are importable. The control API does not
-use them: it has its own client (control_api/torchserve.py), as the serving image carries this
-file without control_api/ and the API image carries no scripts/.
+TorchServe keeps no such history itself. The calls go through scripts/serving/management.py.
 """
 from __future__ import annotations
 
@@ -22,71 +20,13 @@ import json
 import os
 import re
 import sys
-import time
 import zipfile
 from pathlib import Path
 
-import requests
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+from scripts.serving.management import DEFAULT_MANAGEMENT, Management, ManagementError, ready_workers
 
-DEFAULT_MANAGEMENT = os.environ.get("TORCHSERVE_MANAGEMENT_URL", "http://127.0.0.1:8081")
 HISTORY_FILE = ".defaults.json"
 _MAR_NAME = re.compile(r"^(?P<name>.+?)_(?P<version>[^_/]+)\.mar$")
-
-
-class ModelsError(Exception):
-    """A failed management call, worded for the person at the terminal."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-_HINTS = {
-    405: "model API disabled: set enable_model_api=true in TorchServe's config.properties",
-    403: "refused by TorchServe",
-    404: "not found",
-    409: "conflict",
-    400: "rejected",
-    507: "TorchServe is out of resources",
-}
-
-
-class Management:
-    """A thin client for TorchServe's management API; connection errors are retried, nothing else."""
-
-    def __init__(self, url: str = DEFAULT_MANAGEMENT, timeout: float = 30):
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.session = requests.Session()
-
-    @retry(retry=retry_if_exception_type(requests.ConnectionError), stop=stop_after_attempt(4),
-           wait=wait_exponential(multiplier=0.5, max=4), reraise=True)
-    def _send(self, method: str, path: str, **params) -> requests.Response:
-        return self.session.request(method, f"{self.url}{path}", params=params or None,
-                                    timeout=self.timeout)
-
-    def call(self, method: str, path: str, **params):
-        try:
-            r = self._send(method, path, **params)
-        except requests.ConnectionError as exc:
-            raise ModelsError(f"TorchServe management API not reachable at {self.url}: {exc}") from None
-        if r.status_code >= 400:
-            try:
-                detail = r.json().get("message") or r.text
-            except ValueError:
-                detail = r.text.strip() or r.reason
-            hint = _HINTS.get(r.status_code, f"HTTP {r.status_code}")
-            raise ModelsError(f"{method} {path}: {hint}: {detail}", r.status_code)
-        try:
-            return r.json()
-        except ValueError:
-            return r.text
-
-
-def _workers(description: dict) -> dict:
-    states = [w.get("status") for w in description.get("workers", [])]
-    return {"workers": len(states), "ready": states.count("READY")}
 
 
 def default_version(api: Management, name: str) -> str:
@@ -103,7 +43,8 @@ def versions(api: Management, name: str) -> list[dict]:
             "name": d["modelName"], "version": d["modelVersion"], "default": d["modelVersion"] == default,
             "url": d.get("modelUrl"), "batch_size": d.get("batchSize"),
             "max_batch_delay_ms": d.get("maxBatchDelay"), "min_workers": d.get("minWorkers"),
-            "max_workers": d.get("maxWorkers"), **_workers(d),
+            "max_workers": d.get("maxWorkers"), "workers": len(d.get("workers") or []),
+            "ready": ready_workers(d),
         })
     return out
 
@@ -127,20 +68,8 @@ def archive_identity(mar: str, model_store: Path) -> tuple[str, str]:
         return model["modelName"], model["modelVersion"]
     m = _MAR_NAME.match(Path(mar).name)
     if not m:
-        raise ModelsError(f"cannot tell the name and version of {mar}: pass --name and --version")
+        raise ManagementError(f"cannot tell the name and version of {mar}: pass --name and --version")
     return m["name"], m["version"]
-
-
-def wait_ready(api: Management, name: str, version: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        description = api.call("GET", f"/models/{name}/{version}")[0]
-        if _workers(description)["ready"]:
-            return
-        if time.monotonic() > deadline:
-            raise ModelsError(f"{name} {version}: no worker READY after {timeout:.0f}s "
-                              "(see TorchServe's model_log.log)")
-        time.sleep(0.5)
 
 
 def register(api: Management, mar: str, *, model_store: Path, name: str | None = None,
@@ -158,7 +87,7 @@ def register(api: Management, mar: str, *, model_store: Path, name: str | None =
         params["initial_workers"] = workers
     api.call("POST", "/models", **params)
     if wait:
-        wait_ready(api, name, version, timeout)
+        api.wait_ready(name, version, timeout)
     return name, version
 
 
@@ -198,7 +127,7 @@ def rollback(api: Management, history: History, name: str) -> str:
     data = history.load()
     stack = data.get(name) or []
     if not stack:
-        raise ModelsError(f"no earlier default of {name} recorded in {history.path}")
+        raise ManagementError(f"no earlier default of {name} recorded in {history.path}")
     version = stack[-1]
     api.call("PUT", f"/models/{name}/{version}/set-default")
     stack.pop()
@@ -281,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "scale":
             scale(api, args.name, args.version, args.min_workers, args.max_workers)
             print(f"{args.name} {args.version or '(default)'}: workers {args.min_workers}..{args.max_workers}")
-    except ModelsError as exc:
+    except ManagementError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

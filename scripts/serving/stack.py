@@ -1,4 +1,5 @@
-"""The local stack behind `make run` and `make stack`: TorchServe and the API (gunicorn) together.
+"""The local stack behind `make run` and `make stack`: TorchServe, the API (gunicorn) and the DICOM
+receiver together.
 
     python -m scripts.serving.stack model                 # archive the demo model into model_store/ if missing
     python -m scripts.serving.stack run                   # embedded defaults: SQLite + local image directory
@@ -19,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from scripts.serving.processes import REPO, Gunicorn, Process, SeaweedS3, TorchServe, flask_cli
+from scripts.serving.processes import REPO, DicomReceiver, Gunicorn, Process, SeaweedS3, TorchServe, flask_cli
 
 DEMO_CHECKPOINT = REPO / "models" / "demo" / "checkpoint.pt"
 DEMO_VERSION = "1.0"
@@ -80,20 +81,24 @@ def _postgres_url() -> str:
     return f"{admin.rsplit('/', 1)[0]}/{STACK_DATABASE}"
 
 
-def _banner(api_url: str, env: dict) -> str:
+def _banner(api_url: str, env: dict, dicom: DicomReceiver) -> str:
     # The key must land in the database the API uses; on the embedded defaults that is the
     # settings' own default (var/clarity.db from the repository root), so no prefix is needed.
     env_prefix = f"DATABASE_URL={env['DATABASE_URL']} " if "DATABASE_URL" in env else ""
     return f"""
 ================================================================================
  Clarity in Care is running (Ctrl-C stops everything)
+   Console      {api_url}/console/   (sign in with the key of step 1)
    API          {api_url}          docs: {api_url}/api/v1/docs
    TorchServe   http://127.0.0.1:8080 (inference), :8081 (management), :8082/metrics
+   DICOM        AE title CLARITY on 127.0.0.1:{dicom.port}, health and metrics on :{dicom.health_port}
+                calling AE titles allowed: {dicom.env.get("DICOM_ALLOWED_AE_TITLES") or "none (set DICOM_ALLOWED_AE_TITLES)"}
  The demo model is trained on SYNTHETIC images: its grades are not for clinical use.
 
  1. Make an API key (shown once):
     {env_prefix}.venv/bin/flask --app control_api keys create --role clinician --label demo
- 2. Grade the sample photograph shipped in samples/:
+ 2. Open the console, paste the key, create a patient, start a visit and drop
+    samples/right_normal_600.jpg on the right eye. Or with curl:
     KEY=<the key>
     PATIENT=$(curl -s -X POST {api_url}/api/v1/patients -H "Authorization: Bearer $KEY" \\
       -H 'Content-Type: application/json' -d '{{"name": "Test Patient", "birth_date": "1960-01-01"}}' \\
@@ -206,16 +211,21 @@ def run(args: argparse.Namespace) -> int:
         processes.append(grader)
         print("starting the background grader ...", flush=True)
         grader.start()
+        dicom = DicomReceiver(VAR / "dicom", {**env, "DICOM_ALLOWED_AE_TITLES": os.environ.get(
+            "DICOM_ALLOWED_AE_TITLES", "")}, port=args.dicom_port, health_port=args.dicom_port + 1)
+        processes.append(dicom)
+        print("starting the DICOM receiver ...", flush=True)
+        dicom.start()
 
         # TorchServe's own log repeats every request at DEBUG and carries per-request metrics;
         # the access lines and the model's log say what happened.
         ts_noise = ("[DEBUG]", "[METRICS]", "Backend response time", "Sending response for jobId",
                     "Backend received inference")
-        for path, prefix, noise in ((api.log_path, "[api]", ()),
+        for path, prefix, noise in ((api.log_path, "[api]", ()), (dicom.log_path, "[dicom]", ()),
                                     (ts.log_dir / "ts_log.log", "[torchserve]", ts_noise),
                                     (ts.log_dir / "model_log.log", "[model]", ts_noise)):
             LogFollower(path, prefix, stop, noise).start()
-        print(_banner(api.url, env), flush=True)
+        print(_banner(api.url, env, dicom), flush=True)
 
         # Ctrl-C and SIGTERM (docker stop, systemd) both end in the finally block below. SIGINT is
         # set explicitly: a shell starting this in the background would have it ignored.
@@ -244,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--s3", action="store_true", help="start a SeaweedFS S3 server for the images")
     run_p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
     run_p.add_argument("--workers", type=int, default=2)
+    run_p.add_argument("--dicom-port", type=int, default=int(os.environ.get("DICOM_PORT", 11112)),
+                       help="the DICOM receiver's port; its health port is the next one")
     run_p.add_argument("--torchserve-ports", type=int, nargs=3, default=(8080, 8081, 8082),
                        metavar=("INFERENCE", "MANAGEMENT", "METRICS"))
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ runs when nginx is installed (Debian's `nginx-light`), and a structural parse al
 """
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -329,7 +330,8 @@ def test_alert_rules_pass_promtool_and_their_unit_tests():
 def test_prometheus_scrapes_both_metrics_endpoints_where_they_are(compose, default_settings, api_routes):
     prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
-    expected = {"api": ("api", default_settings.port), "torchserve": ("torchserve", ts_ports(container_ts_config())["metrics"])}
+    expected = {"api": ("api", default_settings.port), "torchserve": ("torchserve", ts_ports(container_ts_config())["metrics"]),
+                "dicom": ("dicom", default_settings.dicom_health_port)}
     assert set(jobs) == set(expected)
     assert "/metrics" in api_routes
     for job, (service, port) in expected.items():
@@ -347,11 +349,16 @@ def test_prometheus_scrapes_both_metrics_endpoints_where_they_are(compose, defau
 def test_compose_has_the_stack_and_publishes_only_the_api(compose, default_settings):
     services = compose["services"]
     assert {"api", "torchserve", "postgres", "s3", "prometheus"} <= set(services)
-    assert [name for name, s in services.items() if s.get("ports")] == ["api"]
+    assert [name for name, s in services.items() if s.get("ports")] == ["api", "dicom"]
     (mapping,) = services["api"]["ports"]
     host_ip, _, container_port = mapping.split(":")
     assert host_ip == "127.0.0.1", "by default the API is published on loopback only"
     assert int(container_port) == default_settings.port == int(services["api"]["environment"]["PORT"])
+    # The DICOM receiver: cameras and PACS must reach it; loopback unless DICOM_PUBLISH says otherwise.
+    (mapping,) = services["dicom"]["ports"]
+    host_ip, _, container_port = mapping.split(":")
+    assert host_ip == "127.0.0.1", "by default the receiver is published on loopback only"
+    assert int(container_port) == default_settings.dicom_port == int(services["dicom"]["environment"]["DICOM_PORT"])
 
 
 def test_compose_ports_match_torchserve_config_and_api_settings(compose, serve_df, api_df, default_settings):
@@ -367,7 +374,7 @@ def test_compose_ports_match_torchserve_config_and_api_settings(compose, serve_d
 
 
 def test_compose_api_environment_is_read_by_the_code(compose, settings_module):
-    for name in ("api", "migrate"):
+    for name in ("api", "migrate", "dicom"):
         env = compose["services"][name]["environment"]
         unknown = set(env) - set(settings_module.ENV_VARS) - BOTO3_CREDENTIALS
         assert not unknown, f"{name}: the API reads no such settings: {sorted(unknown)}"
@@ -519,11 +526,18 @@ def test_api_image_healthcheck_and_command(api_df, api_routes):
     assert re.search(rf"^{attr} = ", wsgi.read_text(), re.M), f"{module} defines no {attr}"
 
 
-def test_api_image_installs_what_the_api_imports_and_no_torch():
+def test_api_image_installs_what_the_api_imports_and_no_torch(api_df):
     req = requirement_names(DEPLOY / "requirements-api.txt")
     assert not set(req) & MODEL_STACK, "the API image must not carry the model stack"
-    files = [p for p in (REPO / "control_api").rglob("*.py")] + [REPO / "gunicorn.conf.py"]
-    modules = third_party_imports(files, local={"control_api"})
+    files = [*(REPO / "control_api").rglob("*.py"), REPO / "gunicorn.conf.py"]
+    local = {"control_api", "handlers"}
+    modules = third_party_imports(files, local=local)
+    # Of handlers/, the API imports only the image limits (no torch), and the image copies them.
+    from_handlers = {f"{node.module}.{a.name}" for path in files for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("handlers")
+                     for a in node.names}
+    assert from_handlers == {"handlers.image_limits"}, from_handlers
+    assert copied_to(api_df, "handlers/image_limits.py") == "/app/handlers/image_limits.py"
     installed = installed_closure(req)
     assert not installed & MODEL_STACK, f"a requirement pulls in the model stack: {installed & MODEL_STACK}"
     missing = {m: d for m, d in distributions_for(modules).items() if not d & installed}
@@ -533,7 +547,8 @@ def test_api_image_installs_what_the_api_imports_and_no_torch():
 
 def test_serve_image_installs_what_the_handler_and_tools_import():
     req = requirement_names(DEPLOY / "requirements-serve.txt")
-    files = [*(REPO / "handlers").glob("*.py"), DEPLOY / "healthcheck.py", REPO / "scripts" / "serving" / "registry.py"]
+    files = [*(REPO / "handlers").glob("*.py"), DEPLOY / "healthcheck.py",
+             *(REPO / "scripts" / "serving" / name for name in ("management.py", "registry.py"))]
     local = {"handlers", "scripts"} | {p.stem for p in (REPO / "handlers").glob("*.py")}  # the .mar's flat copies
     modules = third_party_imports(files, local=local)
     installed = installed_closure(req)
@@ -603,6 +618,10 @@ def test_serve_image_healthcheck_asks_for_a_ready_worker(serve_df, default_setti
     cmd = healthcheck_command(serve_df)
     assert cmd[:2] == ["python", "/home/model-server/healthcheck.py"]
     assert copied_to(serve_df, "deploy/healthcheck.py") == "/home/model-server/healthcheck.py"
+    # It counts READY workers with the tools' management client: copied where PYTHONPATH finds it.
+    pythonpath = " ".join(i.args for i in serve_df.of("ENV", serve_df.final_stage)).split("PYTHONPATH=")[1].split()[0]
+    for module in ("scripts/__init__.py", "scripts/serving/__init__.py", "scripts/serving/management.py"):
+        assert copied_to(serve_df, module) == f"{pythonpath}/{module}"
     assert cmd[cmd.index("--model") + 1] == default_settings.torchserve_model_name
     assert urlsplit(cmd[-1]).port == ts_ports(container_ts_config())["management"]
     (entry,) = serve_df.of("ENTRYPOINT", serve_df.final_stage)

@@ -25,11 +25,12 @@ def torchserve_env(server) -> dict:
     return {"TORCHSERVE_INFERENCE_URL": server.inference_url, "TORCHSERVE_MANAGEMENT_URL": server.management_url}
 
 
-def post_image(api, headers, patient_id, path, eye, **extra_headers):
+def post_image(api, headers, patient_id, path, eye, form=None, **extra_headers):
     with open(path, "rb") as fh:
         return requests.post(f"{api.url}/api/v1/patients/{patient_id}/screenings", headers={**headers, **extra_headers},
                              files={"image": (path.name, fh, "application/octet-stream")},
-                             data={"eye": eye, "camera": "test camera", "captured_at": "2024-06-01T09:00:00Z"},
+                             data={"eye": eye, "camera": "test camera", "captured_at": "2024-06-01T09:00:00Z",
+                                   **(form or {})},
                              timeout=120)
 
 
@@ -73,7 +74,8 @@ def test_full_path_with_postgres_s3_and_torchserve(live_api, api_env, fresh_pg_u
 
     summary = requests.get(f"{base}/patients/{pid}/summary", headers=clinician, timeout=10).json()
     assert summary["outcome"] in ("refer", "retake")  # the left eye is missing
-    left = post_image(api, clinician, pid, sample_paths[0], "left")
+    # the same visit: the left eye joins the exam the right eye's upload opened
+    left = post_image(api, clinician, pid, sample_paths[0], "left", form={"exam_id": screening["exam_id"]})
     assert left.status_code == 201 and left.json()["status"] == "graded"
     summary = requests.get(f"{base}/patients/{pid}/summary", headers=clinician, timeout=10).json()
     referable = summary["eyes"]["left"]["referable"] or summary["eyes"]["right"]["referable"]

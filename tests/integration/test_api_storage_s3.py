@@ -5,7 +5,7 @@ import base64
 import pytest
 import requests
 
-from control_api.storage import IntegrityError, S3Storage, StorageUnavailable
+from control_api.storage import ObjectCorrupted, S3Storage, StorageUnavailable
 from tests.unit.test_api_storage import DATA, SHA, key
 from tests.unit.test_api_storage import (  # noqa: F401  (collected here with the S3 `storage` below)
     test_delete, test_keys_cannot_escape, test_missing_object, test_put_get_roundtrip_and_list,
@@ -43,7 +43,7 @@ def test_s3_encrypts_checksums_and_presigns(s3_server, monkeypatch):
     assert response.headers["Content-Type"] == "image/jpeg"
     # Someone overwrites the object behind the API's back: the read notices.
     client.put_object(Bucket=s3_server.bucket, Key=k, Body=b"replaced")
-    with pytest.raises(IntegrityError):
+    with pytest.raises(ObjectCorrupted):
         storage.get(k, sha256=SHA)
 
 

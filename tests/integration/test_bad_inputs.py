@@ -211,7 +211,7 @@ CASES = [
     Case("image_field_missing", lambda c: c.form({}, {"eye": "left"}), 422, "invalid_request"),
     Case("image_as_text_field", lambda c: c.form({}, {"eye": "left", "image": "not a file"}), 422,
          "invalid_request"),
-    Case("eye_missing", lambda c: c.form({"image": ("e.jpg", jpeg(seed=5))}, {}), 422, "invalid_request"),
+    Case("eye_missing", lambda c: c.form({"image": ("e.jpg", jpeg(seed=5))}, {}), 422, "eye_required"),
     Case("eye_both", up(lambda: jpeg(seed=5), eye="both"), 422, "invalid_request"),
     Case("eye_uppercase", up(lambda: jpeg(seed=5), eye="LEFT"), 422, "invalid_request"),
     Case("eye_empty", up(lambda: jpeg(seed=5), eye=""), 422, "invalid_request"),

@@ -197,7 +197,9 @@ def test_time_to_report_and_bundle(stack, clinician, visit):
     timings = {}
     for name, path, params in (("report", f"{base}/report", {}), ("fhir", f"{base}/fhir", {}),
                                ("fhir_with_pdf", f"{base}/fhir", {"include_pdf": "true"}),
-                               ("exam_json", base, {})):
+                               ("exam_json", base, {}),
+                               ("explanation_9mp_photo", f"/patients/{visit['pid']}/screenings/"
+                                                         f"{visit['photos'][('right', 'macula')]['id']}/explanation", {})):
         runs = []
         for _ in range(5):
             started = time.perf_counter()

@@ -86,7 +86,7 @@ def test_make_run_survives_torchserve_dying(tmp_path, model_store, database):
 
 
 def test_deleting_a_patient_removes_every_version_of_their_photographs(make_stack):
-    """Finding 9: with S3 versioning on (as deploy/runbook.md recommends), a patient's deletion
+    """Finding 9: with S3 versioning on (as docs/deployment.md recommends), a patient's deletion
     leaves no version and no delete marker of their images."""
     from tests.support.harness import new_patient
 

@@ -33,8 +33,8 @@ def test_short_load_run_loses_nothing(tmp_path):
                                             "graded_twice", "lost", "sha_mismatch"))
     assert report["check_storage"] == {"exit": 0, "summary": "100 checked, 0 problems"}
     rss = report["rss"]
-    for role in ("api: gunicorn master", "api: gunicorn worker 1", "api: gunicorn worker 2",
-                 "torchserve: frontend (java)", "torchserve: model worker 1", "s3: seaweedfs (weed mini)"):
+    for role in ("api: gunicorn-master", "api: gunicorn-worker", "torchserve: torchserve-frontend",
+                 "torchserve: torchserve-worker", "s3: seaweedfs"):
         assert 0 < rss[role]["start_mb"] <= rss[role]["peak_mb"], (role, rss)
         assert rss[role]["end_mb"] <= rss[role]["peak_mb"]
     assert "| errors (not 201/202) | 0 |" in (out / "load_100x8.md").read_text()

@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from scripts.serving import registry as models
+from scripts.serving import management, registry as models
 
 pytestmark = pytest.mark.integration
 
@@ -123,9 +123,9 @@ def test_model_description_carries_model_meta(torchserve):
 
 
 def test_remote_and_outside_urls_are_refused_for_registration(torchserve, model_store):
-    api = models.Management(torchserve.management_url)
+    api = management.Management(torchserve.management_url)
     for url in ("http://example.com/dr_9.mar", "https://127.0.0.1:1/dr_9.mar", "file:///etc/passwd"):
-        with pytest.raises(models.ModelsError, match="does not match any allowed URL") as info:
+        with pytest.raises(management.ManagementError, match="does not match any allowed URL") as info:
             models.register(api, url, model_store=model_store, name="dr", version="9", wait=False)
         assert info.value.status == 404
     assert [v["version"] for v in models.versions(api, "dr")] == ["1.0"]
@@ -160,7 +160,7 @@ def test_register_promote_rollback_unregister(torchserve, model_store, capsys):
         assert models.main(cli + ["unregister", "dr", "2.0"]) == 1
         assert "not found" in capsys.readouterr().err
     finally:  # later tests share this server: leave 1.0 the only, default version
-        api = models.Management(torchserve.management_url)
+        api = management.Management(torchserve.management_url)
         if models.default_version(api, "dr") != "1.0":
             api.call("PUT", "/models/dr/1.0/set-default")
         if "2.0" in [v["version"] for v in models.versions(api, "dr")]:

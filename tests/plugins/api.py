@@ -21,7 +21,7 @@ from control_api.auth import create_key
 from control_api.db import db
 from control_api.settings import Settings
 from control_api.torchserve import ImageRejected, ModelVersion, TorchServeUnavailable, UnknownModelVersion
-from scripts.ml.archive import SYNTHETIC_DISCLAIMER
+from scripts.ml.card import SYNTHETIC_DISCLAIMER
 from scripts.ml.tiny_model import GRADE_LABELS
 from tests.support.images import encode
 
@@ -46,13 +46,13 @@ class FakeTorchServe:
         if self.mode == "down":
             raise TorchServeUnavailable("TorchServe is unreachable")
         if self.mode == "reject":
-            raise ImageRejected(422, "truncated_image", "The image data ends early.")
+            raise ImageRejected(code="truncated_image", status=422, message="The image data ends early.")
         # Like the real handler: bytes that do not decode are that request's 422.
         try:
             with PIL.Image.open(io.BytesIO(image)) as img:
                 img.load()
         except Exception:
-            raise ImageRejected(422, "corrupt_image", "The image data could not be decoded.") from None
+            raise ImageRejected(code="corrupt_image", status=422, message="The image data could not be decoded.") from None
         if version is not None and version not in self.versions:
             raise UnknownModelVersion(version)
         model = {"name": "dr", "version": version or self.default_version, "synthetic_training_data": True}

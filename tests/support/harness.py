@@ -13,19 +13,18 @@ import re
 import select
 import socket
 import struct
-import subprocess
 import threading
 from pathlib import Path
 
 import requests
 
-from bench.loadtest import MODEL_VERSION, consistency, problems, stored_rows
-from scripts.serving.processes import Gunicorn, PostgresDatabase, SeaweedS3, TorchServe, api_key, flask_cli, free_port
+from bench.loadtest import MODEL_VERSION, StackClient, consistency, problems, stored_rows
+from scripts.serving.processes import Gunicorn, PostgresDatabase, SeaweedS3, TorchServe, free_port
 
 __all__ = ["PrivateStack", "problems", "TcpProxy", "phi_patient", "phi_in", "jpeg", "upload", "new_patient"]
 
 
-class PrivateStack:
+class PrivateStack(StackClient):
     """The API under gunicorn with everything behind it, on loopback.
 
     Services passed in are used as they are and left running at stop(); the others are started
@@ -97,18 +96,6 @@ class PrivateStack:
     def __exit__(self, *exc):
         self.stop()
 
-    @property
-    def url(self) -> str:
-        return self.api.url
-
-    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """`flask --app control_api ARGS` with the API's environment."""
-        return flask_cli(self.env, *args, timeout=timeout)
-
-    def key(self, role: str) -> dict:
-        """Headers with a new API key of this role, made by `flask keys create`."""
-        return {"Authorization": f"Bearer {api_key(self.env, role, f'stack {role}')}"}
-
     def log_files(self) -> list[Path]:
         """Every log these processes wrote: gunicorn (the app's stdout and stderr too),
         TorchServe's frontend, model and access logs, SeaweedFS."""
@@ -136,9 +123,6 @@ class PrivateStack:
         """What is wrong with what is stored: bench.loadtest.consistency (every list empty means consistent)."""
         return consistency(self.rows(), self.object_keys(), expected)
 
-    def check_storage(self) -> subprocess.CompletedProcess:
-        """`flask check-storage`: every object read back and hashed against its row."""
-        return self.cli("check-storage")
 
 
 # Distinctive fake PHI: these strings must never show up in a log, an object key or a URL.

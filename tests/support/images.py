@@ -199,9 +199,9 @@ def bad_inputs() -> dict:
         "truncated_jpeg": (truncated_jpeg(), "truncated_image", 422),
         "jpeg_header_only": (encode(small)[:200], "truncated_image", 422),
         "truncated_png": (encode(small, "PNG")[:2000], "truncated_image", 422),
-        "png_bomb_40000": (png_bomb(), "image_too_large", 413),
-        "png_bomb_9000": (png_bomb(9000, 9000), "image_too_large", 413),
-        "png_bomb_10000": (png_bomb(10000, 10000), "image_too_large", 413),  # Pillow warns here
+        "png_bomb_40000": (png_bomb(), "image_too_large", 422),
+        "png_bomb_9000": (png_bomb(9000, 9000), "image_too_large", 422),
+        "png_bomb_10000": (png_bomb(10000, 10000), "image_too_large", 422),  # Pillow warns here
         "tiny_1x1": (encode(Image.new("RGB", (1, 1), (200, 80, 30)), "PNG"), "image_too_small", 422),
         "animated_gif": (animated_gif(), "unsupported_format", 415),
         "bmp": (encode(small, "BMP"), "unsupported_format", 415),

@@ -10,7 +10,8 @@ from control_api.models import ApiKey
 from tests.plugins.api import bearer, image_bytes, upload
 
 PUBLIC_ENDPOINTS = {"health.healthz", "health.readyz", "health.scrape", "api-docs.openapi_json",
-                    "swagger_ui.page", "swagger_ui.asset"}
+                    "swagger_ui.page", "swagger_ui.asset",
+                    "console.root", "console.index", "console.asset"}
 ROLES = ("clinician", "admin", "auditor")
 # Who may call each endpoint. A new endpoint must be added here, deliberately.
 EXPECTED = {

@@ -104,11 +104,11 @@ def test_reconcile_dry_run_then_apply(app, client, clinician, patient):
 
 
 def test_migrate_reports_versions(api_settings, fake_torchserve):
-    from control_api import create_app
+    from control_api import create_app, migrations
 
     app = create_app(api_settings, torchserve=fake_torchserve)
     runner = app.test_cli_runner()
-    assert f"upgraded from version 0 to {migrations.LATEST}" in runner.invoke(args=["init-db"]).output
+    assert f"upgraded from version 0 to {migrations.LATEST}" in runner.invoke(args=["migrate"]).output
     assert f"up to date (version {migrations.LATEST})" in runner.invoke(args=["migrate"]).output
 
 

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from control_api.storage import IntegrityError, LocalStorage, ObjectMissing, StorageUnavailable
+from control_api.storage import ObjectCorrupted, LocalStorage, ObjectMissing, StorageUnavailable
 
 DATA = b"\xff\xd8\xff fundus bytes " * 100
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -44,7 +44,7 @@ def test_delete(storage):
 
 def test_put_refuses_bytes_that_do_not_match_their_hash(storage):
     k = key()
-    with pytest.raises(IntegrityError):
+    with pytest.raises(ObjectCorrupted):
         storage.put(k, DATA, content_type="image/jpeg", sha256="0" * 64)
     with pytest.raises(ObjectMissing):
         storage.get(k, sha256=None)
@@ -53,7 +53,7 @@ def test_put_refuses_bytes_that_do_not_match_their_hash(storage):
 def test_read_verifies_the_hash(storage):
     k = key()
     storage.put(k, DATA, content_type="image/jpeg", sha256=SHA)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(ObjectCorrupted):
         storage.get(k, sha256=hashlib.sha256(b"other").hexdigest())
 
 
@@ -84,6 +84,6 @@ def test_local_detects_tampering(tmp_path):
     k = key()
     storage.put(k, DATA, content_type="image/jpeg", sha256=SHA)
     (tmp_path / k).write_bytes(DATA[:-1] + b"!")
-    with pytest.raises(IntegrityError):
+    with pytest.raises(ObjectCorrupted):
         storage.get(k, sha256=SHA)
     assert storage.download_url(k, content_type="image/jpeg") is None  # local images stream through the API

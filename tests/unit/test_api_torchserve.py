@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from control_api.torchserve import ImageRejected, TorchServeClient, TorchServeUnavailable, UnknownModelVersion
-from scripts.ml.archive import SYNTHETIC_DISCLAIMER
+from scripts.ml.card import SYNTHETIC_DISCLAIMER
 from scripts.serving.processes import free_port
 
 PREDICTION = {"grade": 0, "label": "No DR", "probabilities": [0.9, 0.025, 0.025, 0.025, 0.025], "referable": False,

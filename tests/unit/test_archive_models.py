@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from scripts.ml import archive
-from scripts.serving import registry as models
+from scripts.serving import management, registry as models
 from scripts.ml.tiny_model import make_checkpoint
 
 
@@ -118,7 +118,7 @@ def test_non_synthetic_card_carries_no_synthetic_warning(tmp_path):
 def test_archive_identity_reads_the_manifest(model_store):
     assert models.archive_identity("dr_2.0.mar", model_store) == ("dr", "2.0")
     assert models.archive_identity("elsewhere/other_1.5.mar", model_store) == ("other", "1.5")
-    with pytest.raises(models.ModelsError, match="--name and --version"):
+    with pytest.raises(management.ManagementError, match="--name and --version"):
         models.archive_identity("weird.mar", model_store)
 
 
@@ -169,7 +169,7 @@ def test_unreachable_management_api_is_reported(monkeypatch):
 
     from scripts.serving.processes import free_port
 
-    monkeypatch.setattr(models.Management._send.retry, "wait", wait_none())  # retries, no back-off
-    api = models.Management(f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(models.ModelsError, match="not reachable"):
+    monkeypatch.setattr(management.Management._send.retry, "wait", wait_none())  # retries, no back-off
+    api = management.Management(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(management.ManagementError, match="not reachable"):
         models.default_version(api, "dr")

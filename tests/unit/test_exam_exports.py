@@ -150,3 +150,17 @@ def test_exports_are_audited_reads(client, clinician, visit):
     rows = [(e.action, str(e.resource_id), str(e.patient_id)) for e in
             AuditEvent.select().where(AuditEvent.action.in_(["exam.report.read", "exam.fhir.read"]))]
     assert rows == [("exam.report.read", visit["exam"], visit["pid"]), ("exam.fhir.read", visit["exam"], visit["pid"])]
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext") and not os.environ.get("CLARITY_REQUIRE_SERVICES"),
+                    reason="poppler-utils missing (.ci/run installs it and never skips)")
+def test_pdf_report_without_model_server(client, clinician, visit, fake_torchserve, tmp_path):
+    """TorchServe down: the report still comes, saying the overlay is unavailable."""
+    fake_torchserve.mode = "down"
+    response = client.get(f"{API}/{visit['pid']}/exams/{visit['exam']}/report", headers=clinician)
+    assert response.status_code == 200
+    path = tmp_path / "report.pdf"
+    path.write_bytes(response.data)
+    text = " ".join(subprocess.run(["pdftotext", str(path), "-"], capture_output=True, text=True,
+                                   check=True).stdout.split())
+    assert "Grad-CAM overlay unavailable: the model server did not answer." in text

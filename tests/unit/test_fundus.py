@@ -120,12 +120,12 @@ def test_bomb_guard_stays_on():
 
 @pytest.mark.parametrize("side", [10000, 40000])
 def test_pillows_guard_applies_even_when_the_caller_allows_more(side):
-    """10000^2 makes Pillow warn and 40000^2 makes it raise; both become a 413, never a decode."""
+    """10000^2 makes Pillow warn and 40000^2 makes it raise; both become a 422, never a decode."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(fundus.ImageRejected) as info:
             fundus.decode(images.png_bomb(side, side), min_side=224, max_pixels=10 ** 10)
-    assert info.value.code == "image_too_large" and info.value.status == 413
+    assert info.value.code == "image_too_large" and info.value.status == 422
     assert not caught, [str(w.message) for w in caught]
 
 
@@ -134,7 +134,7 @@ def test_max_pixels_is_the_callers_limit():
     assert fundus.decode(data, min_side=224, max_pixels=120_000).size == (400, 300)
     with pytest.raises(fundus.ImageRejected) as info:
         fundus.decode(data, min_side=224, max_pixels=119_999)
-    assert info.value.code == "image_too_large" and info.value.status == 413
+    assert info.value.code == "image_too_large" and info.value.status == 422
 
 
 @pytest.mark.parametrize("name", list(images.awkward_inputs()))
@@ -277,7 +277,7 @@ def test_plain_normalisation_without_ben_graham(decoded):
 
 # ------------------------------------------------------------------ configs and packaging
 
-@pytest.mark.parametrize("cls", [fundus.PreprocessConfig, fundus.QualityThresholds])
+@pytest.mark.parametrize("cls", [fundus.PreprocessConfig, quality.QualityThresholds])
 def test_config_round_trips_through_json(cls):
     cfg = cls()
     assert cls.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -290,12 +290,13 @@ def test_config_round_trips_through_json(cls):
 
 def test_importable_as_a_top_level_module(tmp_path):
     """Inside the .mar the handler files sit side by side and `handlers` is not a package."""
-    for name in ("fundus.py", "quality.py"):
+    for name in ("fundus.py", "quality.py", "image_limits.py"):
         (tmp_path / name).write_bytes((REPO / "handlers" / name).read_bytes())
     code = ("import os, sys; sys.modules['handlers'] = None\n"
             "import fundus\n"
             f"p = fundus.prepare(open({str(SAMPLES[0])!r}, 'rb').read())\n"
             "assert fundus.quality.__file__.startswith(os.getcwd()), fundus.quality.__file__\n"
+            "assert fundus.image_limits.__file__.startswith(os.getcwd()), fundus.image_limits.__file__\n"
             "print(p.quality['gradable'], tuple(p.tensor.shape))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin"}, timeout=120)

@@ -21,7 +21,7 @@ def photos():
     return {p.name: fundus.decode(p.read_bytes(), min_side=quality.ANALYSIS_SIZE) for p in SAMPLES}
 
 
-def verdict(img: Image.Image, thresholds=fundus.QualityThresholds()) -> dict:
+def verdict(img: Image.Image, thresholds=quality.QualityThresholds()) -> dict:
     q = fundus.assess_quality(img, fundus.find_disc(img), thresholds)
     assert set(q) == {"gradable", "score", "reasons"}
     assert 0.0 <= q["score"] <= 1.0 and q["gradable"] == (q["score"] >= 0.5) == (not q["reasons"])
@@ -141,11 +141,11 @@ def test_thresholds_are_configurable(photos):
     img = photos["idrid_23.jpg"]
     blurry = images.blurred(img)
     assert codes(verdict(blurry)) == {"blurred"}
-    lenient = fundus.QualityThresholds(min_sharpness=0.0)
+    lenient = quality.QualityThresholds(min_sharpness=0.0)
     assert verdict(blurry, lenient)["gradable"]
-    strict = dataclasses.replace(fundus.QualityThresholds(), min_brightness=0.9)
+    strict = dataclasses.replace(quality.QualityThresholds(), min_brightness=0.9)
     assert codes(verdict(img, strict)) == {"too_dark"}
-    assert verdict(img, fundus.QualityThresholds.from_dict(strict.to_dict())) == verdict(img, strict)
+    assert verdict(img, quality.QualityThresholds.from_dict(strict.to_dict())) == verdict(img, strict)
 
 
 def test_prepare_returns_no_tensor_when_ungradable(photos):

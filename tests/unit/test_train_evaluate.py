@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from handlers import fundus
+from handlers import fundus, quality
 from handlers.network import DRNet
 from scripts.ml import evaluate, synth, train
 from scripts.files import sha256_file
@@ -42,7 +42,7 @@ def test_checkpoint_has_every_contract_key(trained):
     assert ck["format"] == "clarity-dr-checkpoint/1" and ck["arch"] == "mobilenet_v3_small"
     assert ck["num_classes"] == 5 and len(ck["grade_labels"]) == 5 and ck["referable_threshold"] == 2
     assert fundus.PreprocessConfig.from_dict(ck["preprocess"]).input_size == 64
-    fundus.QualityThresholds.from_dict(ck["quality"])
+    quality.QualityThresholds.from_dict(ck["quality"])
     ds = ck["dataset"]
     assert {"name", "format", "fingerprint", "synthetic", "counts"} <= set(ds)
     assert ds["synthetic"] is True and ds["format"] == "aptos" and len(ds["fingerprint"]) == 64

@@ -1,0 +1,90 @@
+"""The one TorchServe management client for the tools: the models CLI (registry.py), the process
+managers (processes/) and the serving image's health check (deploy/healthcheck.py) all ask
+TorchServe about models through it, and "a READY worker" is counted here only.
+
+The control API keeps its own client (control_api/torchserve.py): the API image carries no scripts/.
+The serving image carries this file and registry.py (Dockerfile.serve).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import requests
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+DEFAULT_MANAGEMENT = os.environ.get("TORCHSERVE_MANAGEMENT_URL", "http://127.0.0.1:8081")
+
+
+def ready_workers(description: dict) -> int:
+    """How many workers of one described version are READY (/ping says Healthy before the model
+    loads: a READY worker is what readiness means)."""
+    return sum(1 for w in description.get("workers") or [] if w.get("status") == "READY")
+
+
+def any_ready(descriptions: list[dict]) -> bool:
+    """Whether any of the described versions has a READY worker."""
+    return any(ready_workers(d) for d in descriptions)
+
+
+class ManagementError(Exception):
+    """A failed management call, worded for the person at the terminal."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+_HINTS = {
+    405: "model API disabled: set enable_model_api=true in TorchServe's config.properties",
+    403: "refused by TorchServe",
+    404: "not found",
+    409: "conflict",
+    400: "rejected",
+    507: "TorchServe is out of resources",
+}
+
+
+class Management:
+    """A thin client for TorchServe's management API; connection errors are retried, nothing else."""
+
+    def __init__(self, url: str = DEFAULT_MANAGEMENT, timeout: float = 30):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    @retry(retry=retry_if_exception_type(requests.ConnectionError), stop=stop_after_attempt(4),
+           wait=wait_exponential(multiplier=0.5, max=4), reraise=True)
+    def _send(self, method: str, path: str, **params) -> requests.Response:
+        return self.session.request(method, f"{self.url}{path}", params=params or None,
+                                    timeout=self.timeout)
+
+    def call(self, method: str, path: str, **params):
+        try:
+            r = self._send(method, path, **params)
+        except requests.ConnectionError as exc:
+            raise ManagementError(f"TorchServe management API not reachable at {self.url}: {exc}") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("message") or r.text
+            except ValueError:
+                detail = r.text.strip() or r.reason
+            hint = _HINTS.get(r.status_code, f"HTTP {r.status_code}")
+            raise ManagementError(f"{method} {path}: {hint}: {detail}", r.status_code)
+        try:
+            return r.json()
+        except ValueError:
+            return r.text
+
+    def describe(self, name: str, version: str | None = None) -> list[dict]:
+        """GET /models/NAME[/VERSION]: the default version's (or VERSION's) description, in a list."""
+        return self.call("GET", f"/models/{name}" + (f"/{version}" if version else ""))
+
+    def wait_ready(self, name: str, version: str | None = None, timeout: float = 120, interval: float = 0.5) -> None:
+        """Until a worker of NAME (VERSION, else the default) is READY; ManagementError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not any_ready(self.describe(name, version)):
+            if time.monotonic() > deadline:
+                raise ManagementError(f"{name} {version or '(default)'}: no worker READY after {timeout:.0f}s "
+                                      "(see TorchServe's model_log.log)")
+            time.sleep(interval)
