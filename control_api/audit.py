@@ -37,16 +37,35 @@ def audited(action: str, resource_type: str):
     def decorator(view):
         @functools.wraps(view)
         def in_one_transaction(*args, **kwargs):
-            with db.atomic():
-                result = view(*args, **kwargs)
-                if "api_key" in g:
-                    _write(action, resource_type, _status(result))
+            try:
+                with db.atomic():
+                    result = view(*args, **kwargs)
+                    if "api_key" in g:
+                        _write(action, resource_type, _status(result))
+            except BaseException:
+                _undo_outside_effects()
+                raise
             return result
 
         in_one_transaction._audit = (action, resource_type)
         return in_one_transaction
 
     return decorator
+
+
+def on_rollback(undo) -> None:
+    """Run `undo()` if the view's transaction rolls back (an error answer, a failed audit row,
+    a database that died mid-view): for what the database cannot undo, e.g. an object the
+    view stored in S3 before writing its row."""
+    g.setdefault("audit_undo", []).append(undo)
+
+
+def _undo_outside_effects() -> None:
+    for undo in reversed(g.pop("audit_undo", [])):
+        try:
+            undo()
+        except Exception as exc:  # reconcile finds what is left
+            log.error("undo after rollback failed", extra={"error_type": type(exc).__name__})
 
 
 def target(resource_id=None, patient_id=None, *, patient_ids=None) -> None:

@@ -23,7 +23,7 @@ import peewee
 from flask import Response, current_app, g, redirect, request
 
 from .. import dicom, explanation, images, metrics, schemas
-from ..audit import audited, target
+from ..audit import audited, on_rollback, target
 from ..auth import ADMIN, CLINICAL, require_role, roles
 from ..db import db
 from ..errors import RETRY_AFTER_SECONDS, ApiError
@@ -188,6 +188,8 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
     if early is not None:
         futures.wait([early])  # its answer or its exception; grade() below takes it
     _fresh_transaction()
+    # The row is in the view's transaction (audit.py): if that rolls back, the object goes too.
+    on_rollback(lambda: _delete_object(screening.image_key))
     try:
         with db.atomic():
             if new_exam is not None:
