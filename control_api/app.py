@@ -12,10 +12,12 @@ from flask import Flask, g, request
 from flask_cors import CORS
 
 from . import audit, auth, cli, errors, logs, metrics, ratelimit, schemas
+from . import shadow as shadow_mod
 from . import storage as storage_mod
 from . import torchserve as torchserve_mod
 from .blueprints import audit as audit_bp
 from .blueprints import health, models, patients, screenings
+from .blueprints import shadow as shadow_bp
 from .db import bind, db
 from .settings import Settings
 
@@ -58,6 +60,8 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
         "storage": storage or storage_mod.from_settings(settings),
         "torchserve": torchserve or torchserve_mod.from_settings(settings),
     }
+    app.extensions["clarity"]["shadow"] = shadow_mod.Shadow(app.extensions["clarity"]["torchserve"],
+                                                            settings.shadow_queue_size)
     bind(settings.database_url)
 
     app.before_request(_start)
@@ -68,6 +72,7 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     for blueprint in (health.blp, patients.blp, screenings.blp, models.blp, audit_bp.blp):
         api.register_blueprint(blueprint)
+    api.register_blueprint(shadow_bp.blp)
     errors.register(app)
     if settings.cors_origins:
         CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)}},

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from . import metrics
+from . import metrics, shadow
 from .db import db
 from .models import Grading, Screening, utcnow
 from .torchserve import TorchServeClient
@@ -53,4 +53,5 @@ def grade(client: TorchServeClient, screening: Screening, image: bytes, version:
         screening.save(only=[Screening.status, Screening.grading_started_at, Screening.updated_at])
     screening._latest = grading
     metrics.SCREENINGS.labels(screening.status).inc()
+    shadow.observe(grading.model_version, grading.gradable, grading.grade, grading.quality)
     return grading

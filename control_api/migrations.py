@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from peewee import (AutoField, BigAutoField, BooleanField, CharField, DateField, DateTimeField,
+from peewee import (AutoField, BigAutoField, BooleanField, CharField, DateField, DateTimeField, FloatField,
                     ForeignKeyField, IntegerField, JSONField, Model, PostgresqlDatabase, TextField,
                     UUIDField)
 from playhouse.migrate import SchemaMigrator, migrate as apply_operations
@@ -131,7 +131,70 @@ def upgrade_v1_to_v2(database) -> None:
         database.execute_sql(sql)
 
 
-STEPS = {1: create_v1, 2: upgrade_v1_to_v2}
+def _v3_shadow_models(database):
+    """The tables v3 adds (shadow grading), frozen; they refer to v1 tables by their ids only."""
+
+    class Base(Model):
+        class Meta:
+            database = None
+            legacy_table_names = False
+
+    class ApiKey(Base):
+        id = UUIDField(primary_key=True)
+
+        class Meta:
+            table_name = "api_key"
+
+    class Screening(Base):
+        id = UUIDField(primary_key=True)
+
+    class Grading(Base):
+        id = UUIDField(primary_key=True)
+
+    class ShadowSetting(Base):
+        id = AutoField()
+        model_name = CharField(max_length=100)
+        model_version = CharField(max_length=50)
+        sample_rate = FloatField(default=1.0)
+        started_at = DateTimeField(default=utcnow)
+        started_by = ForeignKeyField(ApiKey, null=True, on_delete="SET NULL")
+        stopped_at = DateTimeField(null=True)
+
+        class Meta:
+            table_name = "shadow_setting"
+
+    class ShadowGrading(Base):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        screening = ForeignKeyField(Screening, on_delete="CASCADE")
+        baseline = ForeignKeyField(Grading, null=True, on_delete="SET NULL")
+        source = CharField(max_length=16, default="shadow")
+        model_name = CharField(max_length=100)
+        model_version = CharField(max_length=50, index=True)
+        gradable = BooleanField()
+        grade = IntegerField(null=True)
+        label = CharField(max_length=100, null=True)
+        probabilities = JSONField(null=True)
+        referable = BooleanField(null=True)
+        referable_threshold = IntegerField(null=True)
+        quality = JSONField()
+        timings = JSONField(null=True)
+        created_at = DateTimeField(default=utcnow)
+
+        class Meta:
+            table_name = "shadow_grading"
+
+    models = [ApiKey, Screening, Grading, ShadowSetting, ShadowGrading]
+    database.bind(models, bind_refs=False, bind_backrefs=False)
+    return {m.__name__: m for m in models}
+
+
+def upgrade_v2_to_v3(database) -> None:
+    """Shadow grading: the candidate in shadow and its answers, apart from the clinical gradings."""
+    v3 = _v3_shadow_models(database)
+    database.create_tables([v3["ShadowSetting"], v3["ShadowGrading"]])
+
+
+STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3}
 LATEST = max(STEPS)
 
 

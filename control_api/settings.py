@@ -49,6 +49,8 @@ class Settings:
     gunicorn_threads: int = setting("GUNICORN_THREADS", 4, "threads per gunicorn worker")
     gunicorn_timeout: int = setting("GUNICORN_TIMEOUT", 0, "worker timeout; 0 means TorchServe's + 30 s")
     prometheus_multiproc_dir: str = setting("PROMETHEUS_MULTIPROC_DIR", "", "metrics files of gunicorn workers")
+    shadow_queue_size: int = setting("SHADOW_QUEUE_SIZE", 16,
+                                     "shadow gradings waiting per API process; more are dropped and counted")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -67,7 +69,7 @@ class Settings:
         if self.storage_backend == "s3" and not self.s3_bucket_name:
             raise SettingsError("S3_BUCKET_NAME is required when STORAGE_BACKEND=s3")
         for name in ("port", "max_upload_bytes", "s3_presign_ttl_seconds", "gunicorn_threads",
-                     "torchserve_timeout_seconds"):
+                     "torchserve_timeout_seconds", "shadow_queue_size"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be positive")
         if isinstance(self.cors_origins, str):

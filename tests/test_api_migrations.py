@@ -29,7 +29,7 @@ def check_upgrade(database):
     migrations.migrate(database, target=1)
     assert migrations.current_version(database) == 1
     ids = fill_v1(database)
-    assert migrations.migrate(database) == [2]
+    assert migrations.migrate(database) == list(range(2, migrations.LATEST + 1))
     assert migrations.current_version(database) == migrations.LATEST
 
     from control_api.models import ApiKey, AuditEvent, Grading, Patient, Screening
@@ -51,6 +51,16 @@ def check_upgrade(database):
         grading.timings = {"inference": 1.5}
         grading.save()
         assert Grading.get_by_id(ids["grading"]).timings == {"inference": 1.5}
+        # v3: a shadow answer beside the old clinical grading, gone with its screening.
+        from control_api.models import ShadowGrading, ShadowSetting
+        ShadowSetting.create(model_name="dr", model_version="1.1")
+        ShadowGrading.create(screening=ids["screening"], baseline=ids["grading"], model_name="dr",
+                             model_version="1.1", gradable=True, grade=1, quality={})
+        assert [s.grade for s in screening.shadow_gradings] == [1]
+        Grading.delete().where(Grading.id == ids["grading"]).execute()
+        assert ShadowGrading.get().baseline_id is None
+        Screening.delete().where(Screening.id == ids["screening"]).execute()
+        assert ShadowGrading.select().count() == 0
     check_schema_matches_models(database)
 
 
@@ -88,7 +98,7 @@ def test_postgres_concurrent_migrations_apply_each_step_once(fresh_pg_url):
     try:
         with ThreadPoolExecutor(3) as pool:
             applied = list(pool.map(migrations.migrate, databases))
-        assert sorted(v for run in applied for v in run) == [1, 2]
+        assert sorted(v for run in applied for v in run) == list(range(1, migrations.LATEST + 1))
         check_schema_matches_models(databases[0])
     finally:
         for database in databases:

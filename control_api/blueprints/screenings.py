@@ -154,7 +154,7 @@ def create_screening(form, patient_id):
                                         "bytes": len(data), "content_type": info.content_type})
 
     try:
-        grade(get_client(), screening, data)
+        grading = grade(get_client(), screening, data)
     except (TorchServeUnavailable, UnknownModelVersion) as exc:
         # No model read the bytes, so check them here: an undecodable image is never kept pending.
         try:
@@ -169,6 +169,9 @@ def create_screening(form, patient_id):
         _discard(screening)
         metrics.SCREENINGS.labels("rejected").inc()
         raise ApiError(422, exc.code, exc.message) from None
+    else:
+        # After the clinical answer is stored; queued, never awaited (control_api/shadow.py).
+        current_app.extensions["clarity"]["shadow"].offer(screening, data, grading)
     return _answer(screening)
 
 
@@ -230,14 +233,19 @@ def read_image(patient_id, screening_id):
 @blp.response(201, schemas.Screening)
 def regrade(args, patient_id, screening_id):
     """Grade again with the default model, or with a named version (admin only). The earlier
-    gradings stay in the history; a rejected image or unknown version changes nothing."""
+    gradings stay in the history; a rejected image or unknown version changes nothing.
+    A named version is a trial: its answer is stored as a shadow grading (Location header,
+    GET /api/v1/models/shadow/gradings/{id}) and the screening's clinical result stays as it was."""
     version = args.get("model_version")
     if version:
         require_role(*ADMIN)
     screening = get_screening(patient_id, screening_id)
     data = get_storage().get(screening.image_key, sha256=screening.image_sha256)
     try:
-        grade(get_client(), screening, data, version)
+        if version:
+            trial = current_app.extensions["clarity"]["shadow"].trial(screening, data, version)
+            return screening, 201, {"Location": f"/api/v1/models/shadow/gradings/{trial.id}"}
+        grade(get_client(), screening, data)
     except UnknownModelVersion:
         raise ApiError(422, "unknown_model_version", "No model version of that name is registered.") from None
     except ImageRejected as exc:

@@ -1,0 +1,231 @@
+"""Shadow grading: a candidate model version grades new photographs after the default has
+answered, so its answers can be compared with the clinical ones before anyone promotes it.
+
+- An admin puts one registered version in shadow (a ShadowSetting row; see blueprints/shadow.py).
+- After an upload's clinical grading is stored, `offer()` puts a job on a bounded queue in this
+  process and returns at once; one background thread per process asks TorchServe for the
+  candidate's answer and stores it as a ShadowGrading row. The clinical answer never waits on
+  it: a full queue or a failed call drops the job (counted in clarity_shadow_gradings_total),
+  nothing is retried.
+- ShadowGrading is a table of its own. Every clinical read (the latest result, the history, the
+  summary, reports and exports) reads Grading only, so a shadow answer cannot reach a clinician.
+- A re-grade with a named version (admin) is `trial()`: the same storing path, synchronously.
+
+The same background thread loads each version's model card once (held-out grade shares for the
+drift alerts, metrics.MODEL_CARD_GRADE_SHARE), so the upload path never asks TorchServe for it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import peewee
+
+from . import metrics
+from .db import db
+from .models import Grading, Screening, ShadowGrading, ShadowSetting, utcnow
+from .torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion
+
+log = logging.getLogger(__name__)
+
+SETTING_CACHE_SECONDS = 5.0  # a new shadow setting reaches every worker process within this
+
+
+@dataclass(frozen=True)
+class Active:
+    model_name: str
+    version: str
+    sample_rate: float
+
+
+def active_setting() -> ShadowSetting | None:
+    return ShadowSetting.select().where(ShadowSetting.stopped_at.is_null()) \
+        .order_by(ShadowSetting.id.desc()).first()
+
+
+def observe(version: str, gradable: bool, grade: int | None, quality: dict | None) -> None:
+    """Per-version monitoring of one grading (clinical or shadow); labels hold the version only."""
+    metrics.MODEL_GRADINGS.labels(version, str(grade) if gradable and grade is not None else "ungradable").inc()
+    score = (quality or {}).get("score")
+    if isinstance(score, (int, float)) and not isinstance(score, bool):
+        metrics.MODEL_QUALITY.labels(version).observe(score)
+
+
+def card(meta: dict | None) -> dict | None:
+    """The held-out part of a version's model_meta.json (scripts/ml/archive writes it), flattened
+    to values: {"images", "data", "quadratic_kappa", "referable_sensitivity", ...}."""
+    held_out = (meta or {}).get("held_out")
+    if not isinstance(held_out, dict):
+        return None
+    out = {}
+    for key, value in held_out.items():
+        if isinstance(value, dict) and "value" in value:
+            out[key] = value["value"]
+        elif key != "operating_point":
+            out[key] = value
+    return out
+
+
+def card_shares(meta: dict | None) -> dict[str, float] | None:
+    """Held-out share of each predicted grade (and "ungradable"), for the drift alert."""
+    held_out = (meta or {}).get("held_out") or {}
+    counts = held_out.get("predicted_counts") or held_out.get("counts")
+    if not counts or not sum(counts):
+        return None
+    total = sum(counts) + int(held_out.get("ungradable") or 0)
+    shares = {str(g): n / total for g, n in enumerate(counts)}
+    shares["ungradable"] = int(held_out.get("ungradable") or 0) / total
+    return shares
+
+
+def set_card_gauges(version: str, meta: dict | None) -> None:
+    for grade, share in (card_shares(meta) or {}).items():
+        metrics.MODEL_CARD_GRADE_SHARE.labels(version, grade).set(share)
+
+
+def store(prediction: dict, screening_id, baseline: Grading | None, version: str, model_name: str,
+          source: str) -> ShadowGrading:
+    model = prediction.get("model") or {}
+    row = ShadowGrading.create(
+        screening=screening_id, baseline=baseline.id if baseline else None, source=source,
+        model_name=str(model.get("name") or model_name), model_version=str(model.get("version") or version),
+        gradable=bool(prediction.get("gradable")), grade=prediction.get("grade"), label=prediction.get("label"),
+        probabilities=prediction.get("probabilities"), referable=prediction.get("referable"),
+        referable_threshold=prediction.get("referable_threshold"), quality=prediction.get("quality") or {},
+        timings=prediction.get("timings_ms"), created_at=utcnow())
+    observe(row.model_version, row.gradable, row.grade, row.quality)
+    return row
+
+
+def latest_clinical(screening: Screening) -> Grading | None:
+    return Grading.select().where(Grading.screening == screening.id) \
+        .order_by(Grading.created_at.desc(), Grading.id.desc()).first()
+
+
+class Shadow:
+    """The per-process queue and thread. Made once per app; the thread starts on first use in
+    each process (gunicorn forks after the app may have been built)."""
+
+    def __init__(self, client, queue_size: int = 16):
+        self.client = client
+        self.queue_size = queue_size
+        self._lock = threading.Lock()
+        self._pid = None
+        self._queue: queue.Queue | None = None
+        self._cached: tuple[float, Active | None] = (float("-inf"), None)
+        self._cards_seen: set[str] = set()
+
+    # What is in shadow, read at most every few seconds per process.
+    def active(self) -> Active | None:
+        read_at, value = self._cached
+        if time.monotonic() - read_at < SETTING_CACHE_SECONDS:
+            return value
+        row = active_setting()
+        value = Active(row.model_name, row.model_version, row.sample_rate) if row else None
+        self._cached = (time.monotonic(), value)
+        return value
+
+    def forget(self) -> None:
+        """Drop the cached setting (this process changed it)."""
+        self._cached = (float("-inf"), None)
+
+    def offer(self, screening: Screening, image: bytes, baseline: Grading) -> bool:
+        """After a clinical grading: queue the candidate's grading when one is in shadow and this
+        photograph is sampled. Never blocks and never raises."""
+        self.seen(baseline.model_version)
+        try:
+            setting = self.active()
+        except peewee.PeeweeException:
+            log.warning("shadow setting unreadable; shadow skipped")
+            return False
+        if setting is None or setting.version == baseline.model_version:
+            return False
+        if setting.sample_rate < 1 and random.random() >= setting.sample_rate:
+            return False
+        args = (screening.id, screening.content_type, image, baseline.id, setting)
+        if self._submit(lambda: self._grade(*args)):
+            return True
+        metrics.SHADOW.labels("dropped_queue_full").inc()
+        return False
+
+    def seen(self, version: str) -> None:
+        """Load this version's card into the drift gauges once per process, in the background."""
+        if version in self._cards_seen:
+            return
+        self._cards_seen.add(version)
+        self._submit(lambda: self._load_card(version))
+
+    def trial(self, screening: Screening, image: bytes, version: str) -> ShadowGrading:
+        """An admin's re-grade with a named version: stored as a shadow answer, not clinical.
+        TorchServe's exceptions pass through with nothing written."""
+        prediction = self.client.predict(image, screening.content_type, version)
+        with db.atomic():
+            return store(prediction, screening.id, latest_clinical(screening), version, self.client.model_name,
+                         "regrade")
+
+    def drain(self, timeout: float = 30) -> None:
+        """Wait until the queue is empty (tests, benchmarks, shutdown)."""
+        q = self._queue
+        deadline = time.monotonic() + timeout
+        while q is not None and q.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _submit(self, job) -> bool:
+        q = self._ensure_thread()
+        try:
+            q.put_nowait(job)
+            return True
+        except queue.Full:
+            return False
+
+    def _ensure_thread(self) -> queue.Queue:
+        pid = os.getpid()
+        if self._pid != pid:
+            with self._lock:
+                if self._pid != pid:  # a new process: the parent's thread did not come along
+                    self._queue = queue.Queue(maxsize=self.queue_size)
+                    threading.Thread(target=self._run, args=(self._queue,), name="clarity-shadow",
+                                     daemon=True).start()
+                    self._pid = pid
+        return self._queue
+
+    def _run(self, q: queue.Queue) -> None:
+        while True:
+            job = q.get()
+            try:
+                job()
+            except Exception:
+                log.exception("background job failed")
+            finally:
+                if not db.is_closed():
+                    db.close()  # back to the pool
+                q.task_done()
+
+    def _grade(self, screening_id, content_type: str, image: bytes, baseline_id, setting: Active) -> None:
+        try:
+            prediction = self.client.predict(image, content_type, setting.version)
+        except (TorchServeUnavailable, UnknownModelVersion, ImageRejected) as exc:
+            metrics.SHADOW.labels("dropped_error").inc()
+            log.warning("shadow grading dropped", extra={"screening_id": str(screening_id),
+                                                         "model_version": setting.version,
+                                                         "error_type": type(exc).__name__})
+            return
+        try:
+            with db.atomic():
+                store(prediction, screening_id, Grading(id=baseline_id), setting.version, setting.model_name,
+                      "shadow")
+        except peewee.IntegrityError:  # the photograph was deleted meanwhile
+            metrics.SHADOW.labels("dropped_error").inc()
+            return
+        metrics.SHADOW.labels("graded").inc()
+
+    def _load_card(self, version: str) -> None:
+        try:
+            set_card_gauges(version, self.client.metadata(version))
+        except (TorchServeUnavailable, UnknownModelVersion, AttributeError):
+            self._cards_seen.discard(version)  # try again with a later grading
