@@ -227,3 +227,18 @@ def test_quadratic_kappa_matches_sklearn(seed):
     b = [min(4, max(0, x + rng.choice((-1, 0, 0, 1)))) for x in a]
     assert agreement.quadratic_kappa(a, b) == pytest.approx(sklearn.cohen_kappa_score(a, b, weights="quadratic"))
     assert agreement.quadratic_kappa([], []) is None and agreement.quadratic_kappa([2, 2], [2, 2]) is None
+
+
+def test_cli_report(app, client, clinician, admin, patient, fake_torchserve):
+    client.put(SHADOW, headers=admin, json={"version": "2.0"})
+    fake_torchserve.version_grades["2.0"] = 2
+    sid = upload(client, clinician, patient["id"], image_bytes()).json["id"]
+    drain(app)
+    runner = app.test_cli_runner()
+    text = runner.invoke(args=["shadow", "report", "--version", "2.0"])
+    assert text.exit_code == 0, text.output
+    assert "1 photographs, 1 gradable by both" in text.output and f"screening {sid}" in text.output
+    assert "referable agreement 0.000" in text.output
+    as_json = runner.invoke(args=["shadow", "report", "--version", "2.0", "--json"])
+    import json
+    assert json.loads(as_json.output)["referral_disagreements_total"] == 1
