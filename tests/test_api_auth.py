@@ -20,6 +20,8 @@ EXPECTED = {
     "screenings.create_screening": CLINICAL, "screenings.list_screenings": CLINICAL,
     "screenings.read_screening": CLINICAL, "screenings.read_image": CLINICAL, "screenings.regrade": CLINICAL,
     "models.list_models": ("admin",),
+    "shadow.read_shadow": ("admin",), "shadow.start_shadow": ("admin",), "shadow.stop_shadow": ("admin",),
+    "shadow.shadow_report": ("admin",), "shadow.read_shadow_grading": ("admin",),
     "audit.list_events": ("auditor", "admin"),
 }
 

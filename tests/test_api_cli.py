@@ -107,5 +107,7 @@ def test_migrate_reports_versions(api_settings, fake_torchserve):
 
     app = create_app(api_settings, torchserve=fake_torchserve)
     runner = app.test_cli_runner()
-    assert "upgraded from version 0 to 2" in runner.invoke(args=["init-db"]).output
-    assert "up to date (version 2)" in runner.invoke(args=["migrate"]).output
+    from control_api.migrations import LATEST
+
+    assert f"upgraded from version 0 to {LATEST}" in runner.invoke(args=["init-db"]).output
+    assert f"up to date (version {LATEST})" in runner.invoke(args=["migrate"]).output
