@@ -31,7 +31,8 @@ def release(screening: Screening) -> None:
 def grade(client: TorchServeClient, screening: Screening, image: bytes, version: str | None = None) -> Grading:
     """Run the model on `image` and store the grading. TorchServe's exceptions pass through
     untouched, with nothing written."""
-    prediction = client.predict(image, screening.content_type, version)
+    with shadow.clinical_call():  # shadow work of this process waits for it (shadow.py)
+        prediction = client.predict(image, screening.content_type, version)
     model = prediction.get("model") or {}
     now = utcnow()
     with db.atomic():

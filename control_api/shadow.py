@@ -5,8 +5,9 @@ answered, so its answers can be compared with the clinical ones before anyone pr
 - After an upload's clinical grading is stored, `offer()` puts a job on a bounded queue in this
   process and returns at once; one background thread per process asks TorchServe for the
   candidate's answer and stores it as a ShadowGrading row. The clinical answer never waits on
-  it: a full queue or a failed call drops the job (counted in clarity_shadow_gradings_total),
-  nothing is retried.
+  it, and the thread waits until no clinical call of this process is in flight before it asks.
+  A full queue, a process busy for too long or a failed call drops the job (counted in
+  clarity_shadow_gradings_total{outcome}); nothing is retried.
 - ShadowGrading is a table of its own. Every clinical read (the latest result, the history, the
   summary, reports and exports) reads Grading only, so a shadow answer cannot reach a clinician.
 - A re-grade with a named version (admin) is `trial()`: the same storing path, synchronously.
@@ -34,6 +35,35 @@ from .torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersio
 log = logging.getLogger(__name__)
 
 SETTING_CACHE_SECONDS = 5.0  # a new shadow setting reaches every worker process within this
+QUIET_WAIT_SECONDS = 30.0  # how long a shadow job waits for this process's clinical calls to finish
+
+# Clinical calls to TorchServe in flight in this process (grading.grade counts them). A shadow
+# job waits until there are none, so it never competes with a clinical answer from the same
+# process; if the process stays busy for QUIET_WAIT_SECONDS the job is dropped (counted).
+_in_flight = 0
+_in_flight_lock = threading.Lock()
+_quiet = threading.Condition(_in_flight_lock)
+
+
+class clinical_call:
+    """`with shadow.clinical_call(): client.predict(...)` around every clinical prediction."""
+
+    def __enter__(self):
+        global _in_flight
+        with _in_flight_lock:
+            _in_flight += 1
+
+    def __exit__(self, *exc):
+        global _in_flight
+        with _in_flight_lock:
+            _in_flight -= 1
+            if _in_flight == 0:
+                _quiet.notify_all()
+
+
+def wait_quiet(timeout: float) -> bool:
+    with _quiet:
+        return _quiet.wait_for(lambda: _in_flight == 0, timeout)
 
 
 @dataclass(frozen=True)
@@ -207,6 +237,9 @@ class Shadow:
                 q.task_done()
 
     def _grade(self, screening_id, content_type: str, image: bytes, baseline_id, setting: Active) -> None:
+        if not wait_quiet(QUIET_WAIT_SECONDS):
+            metrics.SHADOW.labels("dropped_busy").inc()
+            return
         try:
             prediction = self.client.predict(image, content_type, setting.version)
         except (TorchServeUnavailable, UnknownModelVersion, ImageRejected) as exc:

@@ -242,3 +242,18 @@ def test_cli_report(app, client, clinician, admin, patient, fake_torchserve):
     as_json = runner.invoke(args=["shadow", "report", "--version", "2.0", "--json"])
     import json
     assert json.loads(as_json.output)["referral_disagreements_total"] == 1
+
+
+def test_shadow_work_waits_for_clinical_calls_in_flight(monkeypatch):
+    monkeypatch.setattr(shadow, "QUIET_WAIT_SECONDS", 0.2)
+    with shadow.clinical_call():
+        assert not shadow.wait_quiet(0.05)
+    assert shadow.wait_quiet(0.05)
+    client = BlockingClient()
+    client.release.set()
+    worker = shadow.Shadow(client)
+    busy = sample("clarity_shadow_gradings_total", outcome="dropped_busy")
+    with shadow.clinical_call():
+        worker._grade("00000000-0000-4000-8000-000000000000", "image/jpeg", b"x", None,
+                      shadow.Active("dr", "2.0", 1.0))
+    assert client.calls == 0 and sample("clarity_shadow_gradings_total", outcome="dropped_busy") == busy + 1
