@@ -81,9 +81,26 @@ def test_archive_refuses_to_overwrite_a_version(model_store, tiny_checkpoint, ca
 def test_archive_cli_writes_the_named_version(tmp_path, tiny_checkpoint, capsys):
     store = tmp_path / "store"
     assert archive.main(["--checkpoint", str(tiny_checkpoint), "--version", "3.1-rc1",
-                         "--model-store", str(store), "--batch-size", "4"]) == 0
+                         "--model-store", str(store), "--batch-size", "4"]) == 1
+    assert "no held-out metrics" in capsys.readouterr().err and not store.exists()
+    assert archive.main(["--checkpoint", str(tiny_checkpoint), "--version", "3.1-rc1",
+                         "--model-store", str(store), "--batch-size", "4", "--without-held-out-metrics"]) == 0
     assert capsys.readouterr().out.strip() == str(store / "dr_3.1-rc1.mar")
-    assert (store / "dr_3.1-rc1.md").exists()
+    assert "promote` refuses this version" in (store / "dr_3.1-rc1.md").read_text()
+
+
+def test_archive_puts_held_out_metrics_in_meta_and_card(tmp_path, tiny_checkpoint):
+    ck = torch.load(tiny_checkpoint, weights_only=True)
+    ck["metrics"] = {"test": {"images": 40, "quadratic_kappa": {"value": 0.7, "ci95": [0.6, 0.8]},
+                              "counts": [10, 10, 10, 5, 5], "predicted_counts": [12, 8, 10, 5, 5],
+                              "referable_definition": "referable = predicted grade >= 2 (what serving answers)"}}
+    measured = tmp_path / "measured.pt"
+    torch.save(ck, measured)
+    assert archive.main(["--checkpoint", str(measured), "--version", "2.0", "--model-store", str(tmp_path / "s")]) == 0
+    meta = json.loads(read_mar(tmp_path / "s" / "dr_2.0.mar")["model_meta.json"])
+    assert meta["held_out"]["quadratic_kappa"]["value"] == 0.7 and meta["held_out"]["predicted_counts"][0] == 12
+    card = (tmp_path / "s" / "dr_2.0.md").read_text()
+    assert "quadratic_kappa.value | 0.7000" in card and "predicted grade >= 2" in card
 
 
 @pytest.mark.parametrize("version", ["", "../1.0", "1/0", "v 1"])
