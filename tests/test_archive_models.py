@@ -141,8 +141,62 @@ def test_archive_identity_reads_the_manifest(model_store):
 def test_history_is_kept_per_model(tmp_path):
     history = models.History(tmp_path / models.HISTORY_FILE)
     assert history.load() == {}
-    history.save({"dr": ["1.0"]})
-    assert json.loads((tmp_path / ".defaults.json").read_text()) == {"dr": ["1.0"]}
+    history.save({"dr": {"default": "1.1", "previous": ["1.0"], "registered": ["1.0", "1.1"]}})
+    assert json.loads((tmp_path / ".defaults.json").read_text())["dr"]["default"] == "1.1"
+    (tmp_path / ".defaults.json").write_text('{"dr": ["0.9", "1.0"]}')  # the older format
+    assert history.load() == {"dr": {"default": None, "previous": ["0.9", "1.0"], "registered": []}}
+
+
+def test_serve_models_restores_the_default_first(tmp_path):
+    history = models.History(tmp_path / models.HISTORY_FILE)
+    assert history.serve_models("dr", tmp_path) == ""
+    for v in ("1.0", "1.1", "1.2"):
+        (tmp_path / f"dr_{v}.mar").write_bytes(b"x")
+    history.save({"dr": {"default": "1.1", "previous": ["1.0"], "registered": ["1.0", "1.1", "1.2", "9.9"]}})
+    assert history.serve_models("dr", tmp_path) == "dr=dr_1.1.mar,dr=dr_1.0.mar,dr=dr_1.2.mar"
+    assert models.main(["--model-store", str(tmp_path), "serve-models", "dr"]) == 0
+
+
+def test_an_archive_outside_the_store_is_copied_in(tmp_path, model_store, capsys):
+    store = tmp_path / "store"
+    outside = tmp_path / "elsewhere" / "dr_2.0.mar"
+    outside.parent.mkdir()
+    outside.write_bytes((model_store / "dr_2.0.mar").read_bytes())
+    said = []
+    assert models.into_store(str(outside), store, said.append) == (store / "dr_2.0.mar").resolve()
+    assert (store / "dr_2.0.mar").read_bytes() == outside.read_bytes() and "copied" in said[0]
+    assert models.into_store("dr_2.0.mar", store) == (store / "dr_2.0.mar").resolve()  # a name in the store
+    assert models.into_store(str(outside), store) == (store / "dr_2.0.mar").resolve()  # same bytes: fine
+    outside.write_bytes(b"other bytes")
+    with pytest.raises(models.ModelsError, match="immutable"):
+        models.into_store(str(outside), store)
+    with pytest.raises(models.ModelsError, match=f"model store {store.resolve()}"):
+        models.into_store("dr_7.0.mar", store)
+
+
+def test_workers_come_from_the_archive_else_one_per_core(tmp_path, tiny_checkpoint, model_store):
+    assert models.archive_workers(model_store / "dr_1.0.mar") == 1  # the fixtures archive with workers=1
+    plain = archive.archive(tiny_checkpoint, "5.0", model_store=tmp_path)  # the archive defaults
+    assert models.archive_workers(plain) is None
+    assert models.default_workers() >= 1
+
+
+def test_gate_refuses_without_card_metrics_and_below_thresholds():
+    from scripts.serving import gate
+
+    t = gate.Thresholds()
+    assert not gate.check("1.1", {"held_out": None}, t, None, False).passed
+    low = {"held_out": {"quadratic_kappa": {"value": 0.2}, "referable_sensitivity": {"value": 0.95}}}
+    verdict = gate.check("1.1", low, t, None, False)
+    assert verdict.failures == ["held-out quadratic_kappa 0.200 is below 0.600"]
+    assert "shadow agreement not checked" in verdict.notes[0]
+    good = {"held_out": {"quadratic_kappa": {"value": 0.9}, "referable_sensitivity": {"value": 0.95}}}
+    assert gate.check("1.1", good, t, None, True).passed
+    shadow = {"photographs": 50, "grade_kappa": 0.9, "referable_agreement": 0.7, "baseline_version": "1.0"}
+    verdict = gate.check("1.1", good, t, shadow, True)
+    assert verdict.failures == ["shadow referable_agreement with 1.0 is 0.700 over 50 photographs, below 0.900"]
+    assert gate.Thresholds.from_env({"PROMOTE_MIN_QWK": "0.3"}, min_shadow_kappa=0.1) == \
+        gate.Thresholds(min_qwk=0.3, min_shadow_kappa=0.1)
 
 
 class _Answer(http.server.BaseHTTPRequestHandler):
@@ -174,6 +228,7 @@ def stub_management():
 
 
 def test_405_means_the_model_api_is_off(stub_management, tmp_path, capsys):
+    (tmp_path / "dr_1.0.mar").write_bytes(b"not read: name and version are given")
     code = models.main(["--management", stub_management, "--model-store", str(tmp_path),
                         "register", "dr_1.0.mar", "--name", "dr", "--version", "1.0"])
     assert code == 1
