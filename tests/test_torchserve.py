@@ -151,7 +151,7 @@ def test_register_promote_rollback_unregister(torchserve, model_store, capsys):
         assert event["forced"] and event["reason"] == "test of the machinery" and event["to"] == "2.0"
         assert event["gate"]["failures"]
         assert models.main(cli + ["serve-models", "dr"]) == 0
-        assert capsys.readouterr().out.strip().startswith("dr=dr_2.0.mar,dr=dr_1.0.mar")
+        assert capsys.readouterr().out.strip().endswith("dr=dr_2.0.mar,dr=dr_1.0.mar")
         assert predict(torchserve, NORMAL).json()["model"]["version"] == "2.0"
         assert predict(torchserve, NORMAL, version="1.0").json()["model"]["version"] == "1.0"
 
