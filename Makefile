@@ -17,32 +17,32 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 
 # Archive the bundled demo model into model_store/ unless it is already there.
 model: setup
-	$(PY) -m scripts.stack model
+	$(PY) -m scripts.serving.stack model
 
 # Retrain the demo model from synthetic images (a few minutes on 2 cores).
 demo-model: setup
-	$(PY) -m scripts.demo_model
+	$(PY) -m scripts.ml.demo_model
 
 # TorchServe + API (gunicorn) on embedded defaults: SQLite and local image storage.
 run: model
-	$(PY) -m scripts.stack run
+	$(PY) -m scripts.serving.stack run
 
 # The same with PostgreSQL and a local S3 server (SeaweedFS).
 stack: model
-	$(PY) -m scripts.stack run --postgres --s3
+	$(PY) -m scripts.serving.stack run --postgres --s3
 
 test: setup
 	$(PY) -m pytest -q
 
-# Unit tests only: no services started.
+# Unit and deployment-file tests only: no services started.
 test-fast: setup
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q tests/unit tests/deploy
 
 bench: model
-	$(PY) -m scripts.bench
+	$(PY) -m bench.run
 
 bench-smoke: model
-	$(PY) -m scripts.bench --smoke
+	$(PY) -m bench.run --smoke
 
 clean:
 	rm -rf var build dist *.egg-info .pytest_cache

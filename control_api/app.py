@@ -16,7 +16,7 @@ from . import shadow as shadow_mod
 from . import storage as storage_mod
 from . import torchserve as torchserve_mod
 from .blueprints import audit as audit_bp
-from .blueprints import health, models, patients, screenings
+from .blueprints import health, patients, screenings, versions
 from .blueprints import shadow as shadow_bp
 from .db import bind, db
 from .settings import Settings
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
 
     api = Api(app)
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
-    for blueprint in (health.blp, patients.blp, screenings.blp, models.blp, audit_bp.blp):
+    for blueprint in (health.blp, patients.blp, screenings.blp, versions.blp, audit_bp.blp):
         api.register_blueprint(blueprint)
     api.register_blueprint(shadow_bp.blp)
     errors.register(app)

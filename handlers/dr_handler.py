@@ -27,10 +27,10 @@ from ts.torch_handler.base_handler import BaseHandler
 try:
     import fundus
     import gradcam
-    from model import DRNet
+    from network import DRNet
 except ImportError:
     from handlers import fundus, gradcam
-    from handlers.model import DRNet
+    from handlers.network import DRNet
 
 logger = logging.getLogger(__name__)
 

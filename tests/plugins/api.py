@@ -21,9 +21,9 @@ from control_api.auth import create_key
 from control_api.db import db
 from control_api.settings import Settings
 from control_api.torchserve import ImageRejected, ModelVersion, TorchServeUnavailable, UnknownModelVersion
-from scripts.archive import SYNTHETIC_DISCLAIMER
-from tests.images import encode
-from tests.plugins.model import GRADE_LABELS
+from scripts.ml.archive import SYNTHETIC_DISCLAIMER
+from scripts.ml.tiny_model import GRADE_LABELS
+from tests.support.images import encode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -191,8 +191,8 @@ def api_env(tmp_path):
 
 @pytest.fixture
 def live_api(tmp_path):
-    """live_api(env) -> a started scripts.services.Gunicorn after `flask migrate`; stopped at teardown."""
-    from scripts.services import Gunicorn
+    """live_api(env) -> a started scripts.serving.processes.Gunicorn after `flask migrate`; stopped at teardown."""
+    from scripts.serving.processes import Gunicorn
 
     started = []
 
@@ -211,7 +211,7 @@ def live_api(tmp_path):
 @pytest.fixture
 def fresh_pg_url(pg_database):
     """An empty PostgreSQL database for one test (fails, never skips, without PostgreSQL)."""
-    from scripts.services import PostgresDatabase
+    from scripts.serving.processes import PostgresDatabase
 
     scratch = PostgresDatabase(pg_database.admin_url, prefix="clarity_api").create()
     yield scratch.url

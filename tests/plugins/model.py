@@ -5,44 +5,15 @@ machinery, never accuracy.
 """
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import pytest
-import torch
 
-from handlers import fundus
-from handlers.model import DRNet
-from scripts import archive
-from scripts.services import TorchServe, free_port
+from scripts.ml import archive
+from scripts.ml.tiny_model import make_checkpoint
+from scripts.serving.processes import TorchServe, free_port
 
-GRADE_LABELS = ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"]
-TINY_ARCH, TINY_INPUT = "mobilenet_v3_small", 128
 BATCH_SIZE, MAX_BATCH_DELAY_MS = 8, 100
-
-
-def make_checkpoint(path: Path, arch: str = TINY_ARCH, input_size: int = TINY_INPUT,
-                    synthetic: bool = True, seed: int = 0) -> Path:
-    """A checkpoint with every key of docs/contracts.md §2 and random (seeded) weights."""
-    torch.manual_seed(seed)
-    model = DRNet(arch=arch, num_classes=len(GRADE_LABELS))
-    torch.save({
-        "format": archive.CHECKPOINT_FORMAT,
-        "arch": arch,
-        "num_classes": len(GRADE_LABELS),
-        "state_dict": model.state_dict(),
-        "preprocess": fundus.PreprocessConfig(input_size=input_size).to_dict(),
-        "quality": fundus.QualityThresholds().to_dict(),
-        "grade_labels": GRADE_LABELS,
-        "referable_threshold": 2,
-        "dataset": {"name": "test-random", "format": "none", "fingerprint": "0" * 64,
-                    "synthetic": synthetic, "counts": {"train": 0, "val": 0}},
-        "metrics": {"val": {"quadratic_kappa": 0.0, "accuracy": 0.2}},
-        "history": [],
-        "code_revision": "test",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }, path)
-    return path
 
 
 @pytest.fixture(scope="session")

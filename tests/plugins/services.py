@@ -5,7 +5,7 @@ cannot go green without having exercised it.
 """
 import pytest
 
-from scripts.services import PostgresDatabase, SeaweedS3
+from scripts.serving.processes import PostgresDatabase, SeaweedS3
 
 
 @pytest.fixture(scope="session")

@@ -1,70 +1,15 @@
-"""A whole private stack per test module (scripts.load.PrivateStack: gunicorn, TorchServe, S3,
-a scratch PostgreSQL database), fake PHI with distinctive markers, and a TCP proxy that cuts
-the API off from PostgreSQL on demand.
+"""A whole private stack per test module (tests.support.harness.PrivateStack: gunicorn, TorchServe,
+S3, a scratch PostgreSQL database).
 
 When a module's stacks stop, every log they wrote is searched for the PHI markers: a leak
 fails that module's teardown, so each module that uses a stack checks its own logs.
 """
 from __future__ import annotations
 
-import io
-import re
-import select
-import socket
-import struct
-import threading
-from pathlib import Path
-
 import pytest
-import requests
 
-from scripts.load import PrivateStack, problems
-from scripts.services import PostgresDatabase, free_port
-
-# Distinctive fake PHI: these strings must never show up in a log, an object key or a URL.
-PHI_NAME = "Quenby Phimarker"
-PHI_BIRTH_DATE = "1937-07-19"
-PHI_MRN = "MRN-PHIMARK-"
-PHI_PATTERN = re.compile(r"phimark|quenby|1937-07-19", re.IGNORECASE)
-
-__all__ = ["PrivateStack", "problems", "TcpProxy", "phi_patient", "phi_in", "jpeg"]
-
-
-def phi_patient(n: int | str, **fields) -> dict:
-    return {"name": f"{PHI_NAME} {n}", "birth_date": PHI_BIRTH_DATE, "medical_record_number": f"{PHI_MRN}{n}",
-            "sex": "female", **fields}
-
-
-def phi_in(paths: list[Path]) -> list[str]:
-    """'file: line' for every log line that carries a PHI marker."""
-    leaks = []
-    for path in paths:
-        for line in path.read_text(errors="replace").splitlines():
-            if PHI_PATTERN.search(line):
-                leaks.append(f"{path.name}: {line[:300]}")
-    return leaks
-
-
-def jpeg(seed: int = 0, size=(640, 480)) -> bytes:
-    """A fundus-like JPEG that passes the quality gate (distinct bytes per seed)."""
-    from tests.images import encode, fundus_like
-
-    return encode(fundus_like(size, seed=seed))
-
-
-def upload(stack: PrivateStack, headers: dict, patient_id: str, data: bytes, *, eye: str = "left",
-           idempotency_key: str | None = None, filename: str = "eye.jpg", content_type: str = "image/jpeg",
-           timeout: float = 120, **fields) -> requests.Response:
-    extra = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    return requests.post(f"{stack.url}/api/v1/patients/{patient_id}/screenings", headers={**headers, **extra},
-                         files={"image": (filename, io.BytesIO(data), content_type)},
-                         data={"eye": eye, **fields}, timeout=timeout)
-
-
-def new_patient(stack: PrivateStack, headers: dict, n) -> str:
-    response = requests.post(f"{stack.url}/api/v1/patients", headers=headers, json=phi_patient(n), timeout=30)
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
+from scripts.serving.processes import PostgresDatabase
+from tests.support.harness import PrivateStack, phi_in
 
 
 @pytest.fixture(scope="module")
@@ -95,102 +40,3 @@ def make_stack(request, tmp_path_factory, model_store):
         stack.stop()
     leaks = phi_in(logs)
     assert not leaks, "PHI markers in the logs:\n" + "\n".join(leaks[:20])
-
-
-class TcpProxy:
-    """A TCP forwarder on a loopback port to `target`, which tests can cut.
-
-    - `down()`: stop listening and reset every open connection (RST), so the server is
-      unreachable: connects are refused and pooled connections are dead.
-    - `up()`: listen again on the same port.
-    - `cut_when(pattern)`: reset the next connection whose client sends bytes containing
-      `pattern` (e.g. b'INSERT INTO "screening"'), before they reach the server: the database
-      dies exactly at that statement.
-    """
-
-    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)):
-        self.target = target
-        self.port = free_port()
-        self._listener: socket.socket | None = None
-        self._pairs: list[tuple[socket.socket, socket.socket]] = []
-        self._lock = threading.Lock()
-        self._trigger: bytes | None = None
-        self.cuts = 0
-
-    def up(self) -> "TcpProxy":
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-        return self
-
-    def down(self) -> None:
-        if self._listener is not None:
-            try:
-                # close() alone leaves a socket that a thread is accept()ing on still listening.
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            pairs, self._pairs = self._pairs, []
-        for pair in pairs:
-            self._reset(*pair)
-
-    def cut_when(self, pattern: bytes) -> None:
-        self._trigger = pattern
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:  # closed by down()
-                return
-            try:
-                server = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                self._reset(client)
-                continue
-            server.settimeout(None)
-            with self._lock:
-                self._pairs.append((client, server))
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-
-    def _pump(self, client: socket.socket, server: socket.socket) -> None:
-        tail = b""
-        sockets = [client, server]
-        try:
-            while True:
-                readable, _, _ = select.select(sockets, [], [], 1.0)
-                for sock in readable:
-                    data = sock.recv(65536)
-                    if not data:
-                        raise ConnectionError
-                    if sock is client:
-                        trigger = self._trigger
-                        if trigger and trigger in tail + data:
-                            self._trigger = None
-                            self.cuts += 1
-                            raise ConnectionError
-                        tail = (tail + data)[-256:]
-                        server.sendall(data)
-                    else:
-                        client.sendall(data)
-        except (OSError, ValueError, ConnectionError):
-            self._reset(client, server)
-            with self._lock:
-                if (client, server) in self._pairs:
-                    self._pairs.remove((client, server))
-
-    @staticmethod
-    def _reset(*socks: socket.socket) -> None:
-        for sock in socks:
-            try:
-                # Linger 0: close() sends RST, as a crashed server or a dropped network path would.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
-            except OSError:
-                pass

@@ -1,0 +1,490 @@
+"""Manage model versions on TorchServe through its management API.
+
+    python -m scripts.serving.registry [--management URL] [--model-store DIR] COMMAND
+        list                                   every model and version, the default marked *
+        describe NAME                          TorchServe's description of every version (JSON)
+        register MAR [--name N --version V] [--workers N] [--wait] [--timeout S]
+        promote NAME VERSION [--force --reason TEXT]   make VERSION the default, through the gate
+        rollback NAME                          return to the default before the last promote
+        unregister NAME VERSION
+        scale NAME [VERSION] --min N --max N
+        serve-models NAME                      the --models argument that restores the saved state
+
+`register` takes an archive from anywhere: one outside the model store is copied in first (an
+archive of the same name with other bytes is refused: versions are immutable). It starts the
+workers the archive's model-config.yaml asks for (minWorkers), else one per CPU core of this
+machine (what TorchServe gives the models it loads at start), else --workers.
+
+State lives in the model store, beside the archives, so it survives restarts of TorchServe,
+`make run` and the serve container (whose store is a volume):
+- <store>/.defaults.json: per model the current default, the defaults it replaced (for
+  `rollback`) and the registered versions: {"dr": {"default": "1.1", "previous": ["1.0"],
+  "registered": ["1.0", "1.1"]}}. TorchServe itself keeps none of this (it runs with --ncs).
+  At start, `serve-models` turns it into TorchServe's --models (default first, so it is the
+  default again); deploy/torchserve/entrypoint.sh and `make run` use it.
+- <store>/promotions.jsonl: one line per promote and rollback: when, who, from, to, the gate's
+  verdict, and for `--force` the reason.
+`promote` goes through the gate in scripts/serving/gate.py (held-out card metrics, thresholds,
+shadow agreement from the control API when CLARITY_API_URL and CLARITY_API_KEY are set).
+The control API does not use this module: it has its own client (control_api/torchserve.py).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import requests
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+DEFAULT_MANAGEMENT = os.environ.get("TORCHSERVE_MANAGEMENT_URL", "http://127.0.0.1:8081")
+HISTORY_FILE = ".defaults.json"
+PROMOTIONS_FILE = "promotions.jsonl"
+_MAR_NAME = re.compile(r"^(?P<name>.+?)_(?P<version>[^_/]+)\.mar$")
+
+
+class ModelsError(Exception):
+    """A failed management call, worded for the person at the terminal."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+_HINTS = {
+    405: "model API disabled: set enable_model_api=true in TorchServe's config.properties",
+    403: "refused by TorchServe",
+    404: "not found",
+    409: "conflict",
+    400: "rejected",
+    507: "TorchServe is out of resources",
+}
+
+
+class Management:
+    """A thin client for TorchServe's management API; connection errors are retried, nothing else."""
+
+    def __init__(self, url: str = DEFAULT_MANAGEMENT, timeout: float = 30):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    @retry(retry=retry_if_exception_type(requests.ConnectionError), stop=stop_after_attempt(4),
+           wait=wait_exponential(multiplier=0.5, max=4), reraise=True)
+    def _send(self, method: str, path: str, **params) -> requests.Response:
+        return self.session.request(method, f"{self.url}{path}", params=params or None,
+                                    timeout=self.timeout)
+
+    def call(self, method: str, path: str, **params):
+        try:
+            r = self._send(method, path, **params)
+        except requests.ConnectionError as exc:
+            raise ModelsError(f"TorchServe management API not reachable at {self.url}: {exc}") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("message") or r.text
+            except ValueError:
+                detail = r.text.strip() or r.reason
+            hint = _HINTS.get(r.status_code, f"HTTP {r.status_code}")
+            raise ModelsError(f"{method} {path}: {hint}: {detail}", r.status_code)
+        try:
+            return r.json()
+        except ValueError:
+            return r.text
+
+
+def _workers(description: dict) -> dict:
+    states = [w.get("status") for w in description.get("workers", [])]
+    return {"workers": len(states), "ready": states.count("READY")}
+
+
+def default_version(api: Management, name: str) -> str:
+    """GET /models/NAME describes the default version."""
+    return api.call("GET", f"/models/{name}")[0]["modelVersion"]
+
+
+def versions(api: Management, name: str) -> list[dict]:
+    """Every registered version of NAME, parsed from GET /models/NAME/all."""
+    default = default_version(api, name)
+    out = []
+    for d in api.call("GET", f"/models/{name}/all"):
+        out.append({
+            "name": d["modelName"], "version": d["modelVersion"], "default": d["modelVersion"] == default,
+            "url": d.get("modelUrl"), "batch_size": d.get("batchSize"),
+            "max_batch_delay_ms": d.get("maxBatchDelay"), "min_workers": d.get("minWorkers"),
+            "max_workers": d.get("maxWorkers"), **_workers(d),
+        })
+    return out
+
+
+def model_names(api: Management) -> list[str]:
+    names, token = [], None
+    while True:
+        page = api.call("GET", "/models", **({"next_page_token": token} if token else {}))
+        names += [m["modelName"] for m in page.get("models", [])]
+        token = page.get("nextPageToken")
+        if not token:
+            return names
+
+
+def archive_identity(mar: str, model_store: Path) -> tuple[str, str]:
+    """(name, version) from the archive's manifest when it is at hand, else from <name>_<version>.mar."""
+    path = Path(mar) if Path(mar).is_file() else Path(model_store) / Path(mar).name
+    if path.is_file():
+        with zipfile.ZipFile(path) as z:
+            model = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+        return model["modelName"], model["modelVersion"]
+    m = _MAR_NAME.match(Path(mar).name)
+    if not m:
+        raise ModelsError(f"cannot tell the name and version of {mar}: pass --name and --version")
+    return m["name"], m["version"]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def into_store(mar: str, model_store: Path, say=print) -> Path:
+    """The archive's path in the model store; an archive elsewhere is copied in first."""
+    store = Path(model_store).resolve()
+    given = Path(mar)
+    if given.is_file():
+        given = given.resolve()
+        target = store / given.name
+        if given.parent == store:
+            return given
+        if target.exists():
+            if _sha256(target) != _sha256(given):
+                raise ModelsError(f"{target} already exists with other contents: archived versions are "
+                                  "immutable; archive again under a new --version")
+            return target
+        store.mkdir(parents=True, exist_ok=True)
+        tmp = store / f".{given.name}.copying"
+        shutil.copyfile(given, tmp)
+        os.replace(tmp, target)  # TorchServe never sees half an archive
+        say(f"copied {given} into the model store {store}")
+        return target
+    target = store / given.name
+    if target.is_file():
+        return target
+    raise ModelsError(f"archive {mar} not found: looked for {given.resolve()} and in the model store {store} "
+                      "(--model-store or MODEL_PATH names the store TorchServe loads from)")
+
+
+def archive_workers(path: Path) -> int | None:
+    """minWorkers from the archive's model-config.yaml, if it sets one."""
+    import yaml
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+            config = manifest.get("model", {}).get("configFile")
+            data = yaml.safe_load(z.read(config)) if config else None
+    except (KeyError, zipfile.BadZipFile, FileNotFoundError):
+        return None
+    workers = (data or {}).get("minWorkers")
+    return int(workers) if workers else None
+
+
+def default_workers() -> int:
+    """One per CPU core this process may use: what TorchServe starts for models it loads at start
+    (default_workers_per_model unset). The management API itself starts none unless told."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def wait_ready(api: Management, name: str, version: str, timeout: float = 120, say=None) -> None:
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    last = None
+    while True:
+        description = api.call("GET", f"/models/{name}/{version}")[0]
+        states = [w.get("status") for w in description.get("workers", [])]
+        if "READY" in states:
+            return
+        now = time.monotonic()
+        if say and (last is None or now - last >= 5):
+            last = now
+            summary = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) or "no workers yet"
+            say(f"waiting for {name} {version}: {summary} ({now - started:.0f}s of {timeout:.0f}s)")
+        if now > deadline:
+            raise ModelsError(f"{name} {version}: no worker READY after {timeout:.0f}s ({len(states)} workers: "
+                              f"{', '.join(states) or 'none'}; see TorchServe's model_log.log)")
+        time.sleep(0.5)
+
+
+def register(api: Management, mar: str, *, model_store: Path, name: str | None = None,
+             version: str | None = None, workers: int | None = None, wait: bool = True,
+             timeout: float = 120, say=None) -> tuple[str, str]:
+    """Register an archive (copied into TorchServe's model store first when it is elsewhere).
+
+    A URL is passed on as it is: TorchServe's allowed_urls decides, and ours allows none remote.
+    Workers: `workers`, else the archive's minWorkers, else one per CPU core.
+    """
+    say = say or (lambda message: None)
+    path = None
+    if "://" not in mar:
+        path = into_store(mar, model_store, say)
+    if not (name and version):
+        found = archive_identity(str(path or mar), model_store)
+        name, version = name or found[0], version or found[1]
+    if workers is None and path is not None:
+        workers = archive_workers(path) or default_workers()
+    params = {"url": mar if path is None else path.name, "synchronous": "true"}
+    if workers is not None:
+        params["initial_workers"] = workers
+    say(f"registering {name} {version}" + (f" with {workers} workers" if workers else ""))
+    api.call("POST", "/models", **params)
+    if path is not None and model_store:
+        state = History(Path(model_store) / HISTORY_FILE)
+        state.registered(name, version, True)
+    if wait:
+        wait_ready(api, name, version, timeout, say)
+    return name, version
+
+
+class History:
+    """Per model name in <model store>/.defaults.json: the current default, earlier defaults
+    (newest last) and the registered versions. Reads the older format ({"dr": ["1.0"]}) too."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        return {name: ({"default": None, "previous": list(entry), "registered": []}
+                       if isinstance(entry, list) else entry) for name, entry in data.items()}
+
+    def save(self, data: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, self.path)  # never a half-written history
+
+    def entry(self, data: dict, name: str) -> dict:
+        return data.setdefault(name, {"default": None, "previous": [], "registered": []})
+
+    def registered(self, name: str, version: str, present: bool) -> None:
+        data = self.load()
+        entry = self.entry(data, name)
+        versions = [v for v in entry.setdefault("registered", []) if v != version]
+        entry["registered"] = versions + ([version] if present else [])
+        if not present:  # a rollback must never aim at a version that is gone
+            entry["previous"] = [v for v in entry.get("previous", []) if v != version]
+            if entry.get("default") == version:
+                entry["default"] = None
+        self.save(data)
+
+    def serve_models(self, name: str, model_store: Path) -> str:
+        """TorchServe's --models for the saved state: the default first (TorchServe makes the first
+        version it loads the default), then the other registered versions; only archives that exist."""
+        entry = self.load().get(name) or {}
+        order = [entry.get("default")] + list(entry.get("registered", []))
+        seen, words = set(), []
+        for version in order:
+            if version and version not in seen and (Path(model_store) / f"{name}_{version}.mar").is_file():
+                seen.add(version)
+                words.append(f"{name}={name}_{version}.mar")
+        return ",".join(words)
+
+
+def log_promotion(model_store: Path, event: dict) -> None:
+    """Append one line to <model store>/promotions.jsonl."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in some containers
+        user = str(os.getuid())
+    line = {"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "user": user, **event}
+    path = Path(model_store) / PROMOTIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def gate_verdict(api: Management, name: str, version: str, model_store: Path, thresholds=None,
+                 api_url: str | None = None, api_key: str | None = None):
+    """The promotion gate's verdict on VERSION (scripts/serving/gate.py)."""
+    from scripts.serving import gate
+
+    meta = gate.archive_meta(Path(model_store) / f"{name}_{version}.mar")
+    if meta is None:  # not in this store: ask the server for the card it loaded
+        described = api.call("GET", f"/models/{name}/{version}", customized="true")
+        meta = (described[0] or {}).get("customizedMetadata") if described else None
+        meta = json.loads(meta) if isinstance(meta, str) else meta
+    shadow, checked = None, False
+    if api_url and api_key:
+        try:
+            shadow, checked = gate.shadow_agreement(version, api_url, api_key), True
+        except (gate.GateError, requests.RequestException) as exc:
+            raise ModelsError(f"shadow agreement unavailable from {api_url}: {exc}") from None
+    return gate.check(version, meta, thresholds or gate.Thresholds.from_env(), shadow, checked)
+
+
+def promote(api: Management, history: History, name: str, version: str, *, verdict=None,
+            force: bool = False, reason: str | None = None) -> str | None:
+    """Make VERSION the default; returns the default it replaced (None when it was already).
+    With a verdict that failed, only `force` with a `reason` promotes."""
+    if verdict is not None and not verdict.passed and not force:
+        raise ModelsError(f"{name} {version} does not pass the promotion gate:\n  - " + "\n  - ".join(verdict.failures)
+                          + "\nfix it, or promote anyway with --force --reason TEXT (recorded)")
+    if force and not (reason or "").strip():
+        raise ModelsError("--force needs --reason TEXT: the reason is recorded with the promotion")
+    previous = default_version(api, name)
+    if previous == version:
+        return None
+    api.call("PUT", f"/models/{name}/{version}/set-default")
+    data = history.load()
+    entry = history.entry(data, name)
+    entry.setdefault("previous", []).append(previous)
+    entry["default"] = version
+    entry["registered"] = list(dict.fromkeys(entry.get("registered", []) + [previous, version]))
+    history.save(data)
+    log_promotion(history.path.parent, {"action": "promote", "model": name, "from": previous, "to": version,
+                                        "forced": bool(force), "reason": reason,
+                                        "gate": verdict.as_dict() if verdict is not None else None})
+    return previous
+
+
+def rollback(api: Management, history: History, name: str) -> str:
+    """Set the default back to the one the last promote replaced; returns that version."""
+    data = history.load()
+    entry = data.get(name) or {}
+    stack = entry.get("previous") or []
+    if not stack:
+        raise ModelsError(f"no earlier default of {name} recorded in {history.path}")
+    version = stack[-1]
+    current = entry.get("default")
+    api.call("PUT", f"/models/{name}/{version}/set-default")
+    stack.pop()
+    entry["default"] = version
+    history.save(data)
+    log_promotion(history.path.parent, {"action": "rollback", "model": name, "from": current, "to": version})
+    return version
+
+
+def unregister(api: Management, history: History, name: str, version: str) -> None:
+    api.call("DELETE", f"/models/{name}/{version}")
+    history.registered(name, version, False)
+
+
+def scale(api: Management, name: str, version: str | None, min_workers: int, max_workers: int) -> None:
+    path = f"/models/{name}" + (f"/{version}" if version else "")
+    api.call("PUT", path, min_worker=min_workers, max_worker=max_workers, synchronous="true")
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"{'':1} {'name':<12} {'version':<10} {'workers':>7} {'ready':>5} {'batch':>5} {'delay ms':>8}")
+    for r in rows:
+        print(f"{'*' if r['default'] else ' ':1} {r['name']:<12} {r['version']:<10} {r['workers']:>7} "
+              f"{r['ready']:>5} {r['batch_size'] or '-':>5} {r['max_batch_delay_ms'] or '-':>8}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scripts.serving.registry",
+                                description="Manage model versions on TorchServe.")
+    p.add_argument("--management", default=DEFAULT_MANAGEMENT,
+                   help="management API URL (env TORCHSERVE_MANAGEMENT_URL)")
+    p.add_argument("--model-store", type=Path, default=Path(os.environ.get("MODEL_PATH", "model_store")),
+                   help="where archives and .defaults.json live (env MODEL_PATH)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list")
+    sub.add_parser("describe").add_argument("name")
+    r = sub.add_parser("register")
+    r.add_argument("mar", help="archive: a path anywhere (copied into the model store) or a file name in the store")
+    r.add_argument("--name")
+    r.add_argument("--version")
+    r.add_argument("--workers", type=int,
+                   help="workers to start (default: the archive's minWorkers, else one per CPU core)")
+    r.add_argument("--wait", action="store_true", help="wait until a worker is READY, reporting progress")
+    r.add_argument("--timeout", type=float, default=300)
+    pr = sub.add_parser("promote", help="make VERSION the default, if it passes the gate (scripts/serving/gate.py)")
+    pr.add_argument("name")
+    pr.add_argument("version")
+    pr.add_argument("--force", action="store_true", help="promote although the gate refuses (needs --reason)")
+    pr.add_argument("--reason", help="why; recorded in the model store's promotions.jsonl")
+    pr.add_argument("--api-url", default=os.environ.get("CLARITY_API_URL"),
+                    help="control API, for shadow agreement (env CLARITY_API_URL; admin key in CLARITY_API_KEY)")
+    for flag, (env, default) in (("--min-qwk", ("PROMOTE_MIN_QWK", 0.60)),
+                                 ("--min-referable-sensitivity", ("PROMOTE_MIN_REFERABLE_SENSITIVITY", 0.80)),
+                                 ("--min-shadow-kappa", ("PROMOTE_MIN_SHADOW_KAPPA", 0.60)),
+                                 ("--min-shadow-referable-agreement", ("PROMOTE_MIN_SHADOW_REFERABLE_AGREEMENT", 0.90))):
+        pr.add_argument(flag, type=float, help=f"gate threshold (env {env}, default {default})")
+    sub.add_parser("serve-models", help="print TorchServe's --models for the saved default and versions"
+                   ).add_argument("name")
+    sub.add_parser("rollback").add_argument("name")
+    u = sub.add_parser("unregister")
+    u.add_argument("name")
+    u.add_argument("version")
+    s = sub.add_parser("scale")
+    s.add_argument("name")
+    s.add_argument("version", nargs="?")
+    s.add_argument("--min", type=int, required=True, dest="min_workers")
+    s.add_argument("--max", type=int, required=True, dest="max_workers")
+    args = p.parse_args(argv)
+
+    api = Management(args.management)
+    history = History(args.model_store / HISTORY_FILE)
+    try:
+        if args.command == "list":
+            _print_table([row for name in model_names(api) for row in versions(api, name)])
+        elif args.command == "describe":
+            print(json.dumps(api.call("GET", f"/models/{args.name}/all"), indent=2))
+        elif args.command == "register":
+            name, version = register(api, args.mar, model_store=args.model_store, name=args.name,
+                                     version=args.version, workers=args.workers, wait=args.wait,
+                                     timeout=args.timeout, say=lambda m: print(m, file=sys.stderr, flush=True))
+            print(f"registered {name} {version}" + (" (READY)" if args.wait else ""))
+        elif args.command == "promote":
+            from scripts.serving import gate
+
+            thresholds = gate.Thresholds.from_env(
+                min_qwk=args.min_qwk, min_referable_sensitivity=args.min_referable_sensitivity,
+                min_shadow_kappa=args.min_shadow_kappa,
+                min_shadow_referable_agreement=args.min_shadow_referable_agreement)
+            verdict = gate_verdict(api, args.name, args.version, args.model_store, thresholds, args.api_url,
+                                   os.environ.get("CLARITY_API_KEY"))
+            for note in verdict.notes:
+                print(f"note: {note}", file=sys.stderr)
+            if not verdict.passed and args.force:
+                print("gate refused; promoting anyway (--force):\n  - " + "\n  - ".join(verdict.failures),
+                      file=sys.stderr)
+            previous = promote(api, history, args.name, args.version, verdict=verdict, force=args.force,
+                               reason=args.reason)
+            print(f"{args.name}: default is {args.version}" +
+                  (f" (was {previous})" if previous else " (unchanged)"))
+        elif args.command == "serve-models":
+            print(history.serve_models(args.name, args.model_store))
+        elif args.command == "rollback":
+            print(f"{args.name}: default is back to {rollback(api, history, args.name)}")
+        elif args.command == "unregister":
+            unregister(api, history, args.name, args.version)
+            print(f"unregistered {args.name} {args.version}")
+        elif args.command == "scale":
+            scale(api, args.name, args.version, args.min_workers, args.max_workers)
+            print(f"{args.name} {args.version or '(default)'}: workers {args.min_workers}..{args.max_workers}")
+    except ModelsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The local stack behind `make run` and `make stack`: TorchServe and the API (gunicorn) together.
+
+    python -m scripts.serving.stack model                 # archive the demo model into model_store/ if missing
+    python -m scripts.serving.stack run                   # embedded defaults: SQLite + local image directory
+    python -m scripts.serving.stack run --postgres --s3   # local PostgreSQL + a SeaweedFS S3 server
+
+Logs of every process are followed on the console with a prefix; Ctrl-C stops them all.
+Data lives under var/ so a second run finds the patients of the first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from scripts.serving.processes import REPO, Gunicorn, SeaweedS3, TorchServe, flask_cli
+
+DEMO_CHECKPOINT = REPO / "models" / "demo" / "checkpoint.pt"
+DEMO_VERSION = "1.0"
+MODEL_NAME = "dr"
+# MODEL_PATH: the deployment guide's name for the model store (the container uses it too).
+MODEL_STORE = Path(os.environ.get("MODEL_PATH") or REPO / "model_store").resolve()
+VAR = REPO / "var"
+STACK_DATABASE = "clarity"
+
+
+def ensure_demo_model() -> Path:
+    """model_store/dr_1.0.mar, archived from the committed demo checkpoint when missing."""
+    from scripts.ml.archive import archive, mar_path
+
+    path = mar_path(MODEL_STORE, MODEL_NAME, DEMO_VERSION)
+    if path.exists():
+        print(f"model archive present: {path.relative_to(REPO)}")
+        return path
+    print(f"archiving the demo model {DEMO_CHECKPOINT.relative_to(REPO)} -> {path.relative_to(REPO)}")
+    archive(DEMO_CHECKPOINT, DEMO_VERSION, name=MODEL_NAME, model_store=MODEL_STORE)
+    return path
+
+
+class LogFollower(threading.Thread):
+    """Prints the lines appended to a log file with a prefix, like `tail -F`, minus `noise`."""
+
+    def __init__(self, path: Path, prefix: str, stop: threading.Event, noise: tuple[str, ...] = ()):
+        super().__init__(daemon=True)
+        self.path, self.prefix, self.stop, self.noise = path, prefix, stop, noise
+
+    def run(self) -> None:
+        while not self.path.exists() and not self.stop.is_set():
+            time.sleep(0.2)
+        with open(self.path, errors="replace") as f:
+            f.seek(0, os.SEEK_END)
+            while not self.stop.is_set():
+                line = f.readline()
+                if not line:
+                    time.sleep(0.2)
+                elif not any(n in line for n in self.noise):
+                    print(f"{self.prefix} {line.rstrip()}", flush=True)
+
+
+def _postgres_url() -> str:
+    """A persistent `clarity` database on the local server (created on first use)."""
+    import psycopg2
+
+    admin = os.environ.get("STACK_DATABASE_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    conn = psycopg2.connect(admin, connect_timeout=5)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (STACK_DATABASE,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{STACK_DATABASE}"')
+    finally:
+        conn.close()
+    return f"{admin.rsplit('/', 1)[0]}/{STACK_DATABASE}"
+
+
+def _banner(api_url: str, env: dict) -> str:
+    # The key must land in the database the API uses; on the embedded defaults that is the
+    # settings' own default (var/clarity.db from the repository root), so no prefix is needed.
+    env_prefix = f"DATABASE_URL={env['DATABASE_URL']} " if "DATABASE_URL" in env else ""
+    return f"""
+================================================================================
+ Clarity in Care is running (Ctrl-C stops everything)
+   API          {api_url}          docs: {api_url}/api/v1/docs
+   TorchServe   http://127.0.0.1:8080 (inference), :8081 (management), :8082/metrics
+ The demo model is trained on SYNTHETIC images: its grades are not for clinical use.
+
+ 1. Make an API key (shown once):
+    {env_prefix}.venv/bin/flask --app control_api keys create --role clinician --label demo
+ 2. Grade the sample photograph shipped in samples/:
+    KEY=<the key>
+    PATIENT=$(curl -s -X POST {api_url}/api/v1/patients -H "Authorization: Bearer $KEY" \\
+      -H 'Content-Type: application/json' -d '{{"name": "Test Patient", "birth_date": "1960-01-01"}}' \\
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+    curl -s -X POST {api_url}/api/v1/patients/$PATIENT/screenings -H "Authorization: Bearer $KEY" \\
+      -F eye=right -F image=@samples/right_normal_600.jpg
+================================================================================
+"""
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    ensure_demo_model()
+    VAR.mkdir(exist_ok=True)
+    processes = []
+    stop = threading.Event()
+    ts = TorchServe(VAR / "torchserve", MODEL_STORE, models=f"{MODEL_NAME}=dr_{DEMO_VERSION}.mar",
+                    ports=(8080, 8081, 8082))
+    # Embedded defaults (SQLite var/clarity.db, images in var/images) are the settings' own,
+    # relative to the repository root where gunicorn and the CLI run.
+    env = {**ts.settings_env(), "TORCHSERVE_MODEL_NAME": MODEL_NAME}
+    try:
+        if args.postgres:
+            env["DATABASE_URL"] = _postgres_url()
+        if args.s3:
+            s3 = SeaweedS3(VAR / "seaweedfs", port=8333)
+            processes.append(s3)
+            print(f"starting SeaweedFS S3 on {s3.endpoint_url} ...", flush=True)
+            s3.start()
+            env.update(s3.settings_env())
+        print("migrating the database ...", flush=True)
+        flask_cli(env, "migrate", capture=False).check_returncode()
+        processes.append(ts)
+        print("starting TorchServe ...", flush=True)
+        ts.start()
+        ts.wait_model_ready(MODEL_NAME)
+        api = Gunicorn(VAR / "api", env, port=args.port, workers=args.workers)
+        processes.append(api)
+        print("starting the API (gunicorn) ...", flush=True)
+        api.start()
+
+        # TorchServe's own log repeats every request at DEBUG and carries per-request metrics;
+        # the access lines and the model's log say what happened.
+        ts_noise = ("[DEBUG]", "[METRICS]", "Backend response time", "Sending response for jobId",
+                    "Backend received inference")
+        for path, prefix, noise in ((api.log_path, "[api]", ()),
+                                    (ts.log_dir / "ts_log.log", "[torchserve]", ts_noise),
+                                    (ts.log_dir / "model_log.log", "[model]", ts_noise)):
+            LogFollower(path, prefix, stop, noise).start()
+        print(_banner(api.url, env), flush=True)
+
+        # Ctrl-C and SIGTERM (docker stop, systemd) both end in the finally block below. SIGINT is
+        # set explicitly: a shell starting this in the background would have it ignored.
+        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
+        while all(p.running for p in processes):
+            time.sleep(0.5)
+        dead = [p.name for p in processes if not p.running]
+        print(f"stopping: {', '.join(dead)} exited", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    finally:
+        stop.set()
+        for p in reversed(processes):
+            p.stop()
+        print("stopped.", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("model", help="archive the demo model if model_store/ lacks it")
+    run_p = sub.add_parser("run", help="start TorchServe and the API")
+    run_p.add_argument("--postgres", action="store_true", help="use the local PostgreSQL server")
+    run_p.add_argument("--s3", action="store_true", help="start a SeaweedFS S3 server for the images")
+    run_p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
+    run_p.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.command == "model":
+        ensure_demo_model()
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The TorchServe client: how each answer maps to a result or an exception.
+
+These tests talk to a throwaway http.server stub; tests/integration/test_api_torchserve_live.py to a
+real TorchServe serving the tiny test model (tests/plugins/model.py)."""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from control_api.torchserve import ImageRejected, TorchServeClient, TorchServeUnavailable, UnknownModelVersion
+from scripts.ml.archive import SYNTHETIC_DISCLAIMER
+from scripts.serving.processes import free_port
+
+PREDICTION = {"grade": 0, "label": "No DR", "probabilities": [0.9, 0.025, 0.025, 0.025, 0.025], "referable": False,
+              "referable_threshold": 2, "gradable": True, "quality": {"gradable": True, "score": 0.9, "reasons": []},
+              "model": {"name": "dr", "version": "1.0", "synthetic_training_data": True},
+              "disclaimer": SYNTHETIC_DISCLAIMER,
+              "timings_ms": {"decode": 1, "preprocess": 1, "inference": 1}}
+
+
+class Stub:
+    """Answers (status, body, delay) set by the test; records requests and client ports.
+    HTTP/1.1 with keep-alive, like TorchServe."""
+
+    def __init__(self):
+        self.answer = (200, PREDICTION, 0)
+        self.requests = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                stub.requests.append({"path": self.path, "body": body, "type": self.headers.get("Content-Type"),
+                                      "peer": self.client_address[1]})
+                status, payload, delay = stub.answer
+                time.sleep(delay)
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+@pytest.fixture
+def stub():
+    server = Stub()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def client_for(url, timeout=5.0):
+    return TorchServeClient(url, url, "dr", timeout)
+
+
+def test_prediction_is_returned_as_sent(stub):
+    client = client_for(stub.url)
+    assert client.predict(b"jpeg bytes", "image/jpeg") == PREDICTION
+    assert stub.requests[-1] == {"path": "/predictions/dr", "body": b"jpeg bytes", "type": "image/jpeg",
+                                 "peer": stub.requests[-1]["peer"]}
+    client.predict(b"x", "image/png", version="2.0")
+    assert stub.requests[-1]["path"] == "/predictions/dr/2.0"
+
+
+def test_connections_are_reused(stub):
+    client = client_for(stub.url)
+    for _ in range(3):
+        client.predict(b"x", "image/jpeg")
+    assert len({r["peer"] for r in stub.requests}) == 1
+
+
+@pytest.mark.parametrize("status, body, code", [
+    (422, {"code": "truncated_image", "message": "The image data ends early."}, "truncated_image"),
+    (415, {"code": "not_an_image", "message": "Not an image."}, "not_an_image"),
+    (413, b"", "rejected_by_model_server"),  # TorchServe's own max_request_size answer is bare
+])
+def test_per_request_4xx_is_image_rejected(stub, status, body, code):
+    stub.answer = (status, body, 0)
+    with pytest.raises(ImageRejected) as info:
+        client_for(stub.url).predict(b"x", "image/jpeg")
+    assert info.value.status == status and info.value.code == code and info.value.message
+
+
+@pytest.mark.parametrize("kind", ["ModelVersionNotFoundException", "ModelNotFoundException"])
+def test_unknown_version_is_its_own_error(stub, kind):
+    stub.answer = (404, {"code": 404, "type": kind, "message": "Model version: 9 does not exist for model: dr"}, 0)
+    with pytest.raises(UnknownModelVersion):
+        client_for(stub.url).predict(b"x", "image/jpeg", version="9")
+
+
+@pytest.mark.parametrize("status, body", [(503, {"code": 503, "type": "ServiceUnavailableException"}),
+                                          (500, {"code": "preprocess_failed", "message": "boom"}),
+                                          (200, b"<html>not json</html>"), (507, b"")])
+def test_server_trouble_is_unavailable(stub, status, body):
+    stub.answer = (status, body, 0)
+    with pytest.raises(TorchServeUnavailable):
+        client_for(stub.url).predict(b"x", "image/jpeg")
+
+
+def test_timeout_is_unavailable_and_not_retried(stub):
+    stub.answer = (200, PREDICTION, 1.0)
+    with pytest.raises(TorchServeUnavailable, match="did not answer"):
+        client_for(stub.url, timeout=0.2).predict(b"x", "image/jpeg")
+    assert len(stub.requests) == 1
+
+
+def test_refused_connection_is_retried_then_unavailable():
+    with pytest.raises(TorchServeUnavailable, match="unreachable"):
+        client_for(f"http://127.0.0.1:{free_port()}").predict(b"x", "image/jpeg")
+
+
+def test_models_and_readiness(stub):
+    described = [{"modelName": "dr", "modelVersion": "1.0", "batchSize": 8, "maxBatchDelay": 100,
+                  "workers": [{"id": "9000", "status": "READY"}]}]
+    stub.answer = (200, described, 0)
+    client = client_for(stub.url)
+    assert client.ready() is True
+    (version,) = client.models()
+    assert (version.version, version.default, version.ready_workers, version.batch_size) == ("1.0", True, 1, 8)
+    stub.answer = (200, [{**described[0], "workers": [{"id": "9000", "status": "UNLOADING"}]}], 0)
+    assert client.ready() is False
+    stub.answer = (404, {"code": 404, "type": "ModelNotFoundException"}, 0)
+    with pytest.raises(UnknownModelVersion):
+        client.models()
