@@ -104,7 +104,7 @@ def model_meta(ck: dict, name: str, version: str, weights_sha256: str) -> dict:
         "synthetic": synthetic,
         "disclaimer": SYNTHETIC_DISCLAIMER if synthetic else GENERAL_DISCLAIMER,
         "dataset": {k: ck["dataset"].get(k) for k in ("name", "format", "fingerprint", "synthetic", "counts")},
-        # Held-out metrics and grade counts (scripts.evaluate's summary): the card's numbers, read
+        # Held-out metrics and grade counts (scripts.ml.evaluate's summary): the card's numbers, read
         # back by the promotion gate and by the API's drift alerts (predicted grade shares).
         "held_out": (ck.get("metrics") or {}).get("test"),
         "code_revision": ck.get("code_revision", "unknown"),
@@ -158,7 +158,7 @@ def model_card(ck: dict, meta: dict, n_params: int) -> str:
     else:
         lines += ["None recorded in the checkpoint."]
     if not meta.get("held_out"):
-        lines += ["", "**No held-out metrics**: `promote` refuses this version. Run `scripts.evaluate` on "
+        lines += ["", "**No held-out metrics**: `promote` refuses this version. Run `scripts.ml.evaluate` on "
                   "held-out images, then archive again under a new version."]
     if meta["synthetic"]:
         lines += ["", "Metrics on synthetic images do not estimate clinical accuracy."]
@@ -206,7 +206,7 @@ def archive(checkpoint: Path, version: str, *, name: str = "dr", model_store: Pa
         raise ArchiveError(f"{target} already exists: archived versions are immutable, choose a new --version")
     ck = load_checkpoint(Path(checkpoint))
     if require_held_out and not (ck.get("metrics") or {}).get("test"):
-        raise ArchiveError(f"{checkpoint} has no held-out metrics: run `python -m scripts.evaluate --checkpoint "
+        raise ArchiveError(f"{checkpoint} has no held-out metrics: run `python -m scripts.ml.evaluate --checkpoint "
                            f"{checkpoint} --data DIR --out DIR` first (it stores them in the checkpoint), or pass "
                            "--without-held-out-metrics for a test archive")
     state, n_params = float32_state_dict(ck)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads per worker (DR_TORCH_THREADS overrides it at run time)")
     p.add_argument("--without-held-out-metrics", action="store_true",
-                   help="archive a checkpoint that scripts.evaluate has not measured (test fixtures only: "
+                   help="archive a checkpoint that scripts.ml.evaluate has not measured (test fixtures only: "
                         "the card says so and promote refuses the version)")
     args = p.parse_args(argv)
     try:
