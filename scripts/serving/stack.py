@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from scripts.serving.processes import REPO, Gunicorn, SeaweedS3, TorchServe, flask_cli
+from scripts.serving.registry import HISTORY_FILE, History
 
 DEMO_CHECKPOINT = REPO / "models" / "demo" / "checkpoint.pt"
 DEMO_VERSION = "1.0"
@@ -111,8 +112,13 @@ def run(args: argparse.Namespace) -> int:
     VAR.mkdir(exist_ok=True)
     processes = []
     stop = threading.Event()
-    ts = TorchServe(VAR / "torchserve", MODEL_STORE, models=f"{MODEL_NAME}=dr_{DEMO_VERSION}.mar",
-                    ports=(8080, 8081, 8082))
+    # The promoted default and the other registered versions, as `promote` saved them in the model
+    # store (scripts/serving/registry.py); the demo version when nothing was promoted yet.
+    saved = History(MODEL_STORE / HISTORY_FILE).serve_models(MODEL_NAME, MODEL_STORE)
+    models = saved or f"{MODEL_NAME}=dr_{DEMO_VERSION}.mar"
+    print(f"TorchServe models: {models}" + (f" (saved in {MODEL_STORE / HISTORY_FILE})" if saved else ""),
+          flush=True)
+    ts = TorchServe(VAR / "torchserve", MODEL_STORE, models=models, ports=(8080, 8081, 8082))
     # Embedded defaults (SQLite var/clarity.db, images in var/images) are the settings' own,
     # relative to the repository root where gunicorn and the CLI run.
     env = {**ts.settings_env(), "TORCHSERVE_MODEL_NAME": MODEL_NAME}
