@@ -42,6 +42,7 @@ def readme_loop() -> str:
     return block.group(1)
 
 
+@pytest.mark.timeout(3000)
 def test_readme_loop_runs_as_written(tmp_path):
     workdir = tmp_path / "clone"
     workdir.mkdir()
@@ -67,7 +68,7 @@ def test_readme_loop_runs_as_written(tmp_path):
                "PROMOTE_MIN_SHADOW_KAPPA": "-1", "PROMOTE_MIN_SHADOW_REFERABLE_AGREEMENT": "0"}
         env.pop("VIRTUAL_ENV", None)
         run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, env=env,
-                             capture_output=True, text=True, timeout=1500)
+                             capture_output=True, text=True, timeout=2700)
         log = run.stdout + run.stderr
         (tmp_path / "loop.log").write_text(log)
         assert run.returncode == 0, log[-6000:]
