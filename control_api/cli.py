@@ -6,6 +6,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import click
+from flask import current_app
 from flask.cli import with_appcontext
 
 from . import agreement, migrations
@@ -104,6 +105,7 @@ def grade_pending(limit):
         counts[screening.status] += 1
         click.echo(f"{screening.id} {screening.status}")
     click.echo(", ".join(f"{n} {k}" for k, n in counts.items()))
+    current_app.extensions["clarity"]["shadow"].drain()  # shadow gradings queued by this process
 
 
 @click.command("check-storage")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from flask import current_app, has_app_context
+
 from . import metrics, shadow
 from .db import db
 from .models import Grading, Screening, utcnow
@@ -28,9 +30,11 @@ def release(screening: Screening) -> None:
     Screening.update(grading_started_at=None).where(Screening.id == screening.id).execute()
 
 
-def grade(client: TorchServeClient, screening: Screening, image: bytes, version: str | None = None) -> Grading:
+def grade(client: TorchServeClient, screening: Screening, image: bytes, version: str | None = None,
+          offer_shadow: bool = True) -> Grading:
     """Run the model on `image` and store the grading. TorchServe's exceptions pass through
-    untouched, with nothing written."""
+    untouched, with nothing written. Afterwards the version in shadow, if any, gets the same
+    photograph in the background (shadow.py); a re-grade of a graded photograph does not."""
     with shadow.clinical_call():  # shadow work of this process waits for it (shadow.py)
         prediction = client.predict(image, screening.content_type, version)
     model = prediction.get("model") or {}
@@ -55,4 +59,6 @@ def grade(client: TorchServeClient, screening: Screening, image: bytes, version:
     screening._latest = grading
     metrics.SCREENINGS.labels(screening.status).inc()
     shadow.observe(grading.model_version, grading.gradable, grading.grade, grading.quality)
+    if offer_shadow and has_app_context():
+        current_app.extensions["clarity"]["shadow"].offer(screening, image, grading)
     return grading

@@ -154,7 +154,7 @@ def create_screening(form, patient_id):
                                         "bytes": len(data), "content_type": info.content_type})
 
     try:
-        grading = grade(get_client(), screening, data)
+        grade(get_client(), screening, data)
     except (TorchServeUnavailable, UnknownModelVersion) as exc:
         # No model read the bytes, so check them here: an undecodable image is never kept pending.
         try:
@@ -169,9 +169,6 @@ def create_screening(form, patient_id):
         _discard(screening)
         metrics.SCREENINGS.labels("rejected").inc()
         raise ApiError(422, exc.code, exc.message) from None
-    else:
-        # After the clinical answer is stored; queued, never awaited (control_api/shadow.py).
-        current_app.extensions["clarity"]["shadow"].offer(screening, data, grading)
     return _answer(screening)
 
 
@@ -245,7 +242,7 @@ def regrade(args, patient_id, screening_id):
         if version:
             trial = current_app.extensions["clarity"]["shadow"].trial(screening, data, version)
             return screening, 201, {"Location": f"/api/v1/models/shadow/gradings/{trial.id}"}
-        grade(get_client(), screening, data)
+        grade(get_client(), screening, data, offer_shadow=False)
     except UnknownModelVersion:
         raise ApiError(422, "unknown_model_version", "No model version of that name is registered.") from None
     except ImageRejected as exc:

@@ -257,3 +257,15 @@ def test_shadow_work_waits_for_clinical_calls_in_flight(monkeypatch):
         worker._grade("00000000-0000-4000-8000-000000000000", "image/jpeg", b"x", None,
                       shadow.Active("dr", "2.0", 1.0))
     assert client.calls == 0 and sample("clarity_shadow_gradings_total", outcome="dropped_busy") == busy + 1
+
+
+def test_grade_pending_offers_to_shadow_too(app, client, clinician, admin, patient, fake_torchserve):
+    client.put(SHADOW, headers=admin, json={"version": "2.0"})
+    fake_torchserve.mode = "down"
+    assert upload(client, clinician, patient["id"], image_bytes()).status_code == 202
+    fake_torchserve.mode = "grade"
+    result = app.test_cli_runner().invoke(args=["grade-pending"])
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert [r.model_version for r in ShadowGrading.select()] == ["2.0"]
+        assert [g.model_version for g in Grading.select()] == ["1.0"]
