@@ -7,7 +7,7 @@ of the same model (1.0 the default, 1.1 the candidate, one worker each). Rounds 
 order (off/on, on/off, ...) so drift on a shared machine falls on both arms. Each arm uploads
 `--uploads` distinct photographs at `--concurrency`; after an "on" arm the shadow queue is
 drained before the next arm starts, so an "off" arm never carries shadow work left over.
-Writes OUT/shadow.json and OUT/shadow.md.
+Writes OUT/shadow_c<concurrency>[_pace<s>s].{json,md}.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def shadow_counts(stack) -> dict[str, float]:
     return counts
 
 
-def arm(stack, headers, patient_id, photos, start: int, n: int, concurrency: int) -> list[float]:
+def arm(stack, headers, patient_id, photos, start: int, n: int, concurrency: int, pace: float = 0) -> list[float]:
     def one(i: int) -> float:
         data = unique(photos[i % len(photos)], i)
         t = time.perf_counter()
@@ -51,7 +51,15 @@ def arm(stack, headers, patient_id, photos, start: int, n: int, concurrency: int
         return elapsed
 
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(one, range(start, start + n)))
+        if not pace:
+            return list(pool.map(one, range(start, start + n)))
+        # Open loop: one upload every `pace` seconds, whatever the answers take (clinic traffic).
+        t0 = time.perf_counter()
+        futures = []
+        for k, i in enumerate(range(start, start + n)):
+            time.sleep(max(0.0, t0 + k * pace - time.perf_counter()))
+            futures.append(pool.submit(one, i))
+        return [f.result() for f in futures]
 
 
 def run(args) -> dict:
@@ -89,7 +97,7 @@ def run(args) -> dict:
                     time.sleep(SETTING_CACHE_S)
                     before = shadow_counts(stack)
                     t = time.perf_counter()
-                    got = arm(stack, clinician, patient, photos, i, args.uploads, args.concurrency)
+                    got = arm(stack, clinician, patient, photos, i, args.uploads, args.concurrency, args.pace)
                     wall = time.perf_counter() - t
                     i += args.uploads
                     deadline = time.monotonic() + 300
@@ -108,7 +116,7 @@ def run(args) -> dict:
     on = {"n": len(latencies["on"]), **stats(latencies["on"])}
     return {"what": "upload latency (POST .../screenings, 201) with shadow grading off and on",
             "model": which, "rounds": args.rounds, "uploads_per_arm": args.uploads,
-            "concurrency": args.concurrency, "api_workers": args.api_workers,
+            "concurrency": args.concurrency, "api_workers": args.api_workers, "pace_s": args.pace,
             "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
             "off": off, "on": on,
             "ratio_on_over_off": {k: round(on[k] / off[k], 3) for k in off if isinstance(off.get(k), (int, float))
@@ -122,13 +130,16 @@ def main(argv=None) -> int:
     ap.add_argument("--uploads", type=int, default=30, help="uploads per arm")
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--api-workers", type=int, default=2)
+    ap.add_argument("--pace", type=float, default=0,
+                    help="seconds between upload starts (open loop); 0: back to back at --concurrency")
     ap.add_argument("--model", choices=("auto", "demo", "tiny"), default="auto")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = ap.parse_args(argv)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "shadow.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "shadow.md").write_text(markdown(result))
+    tag = f"shadow_c{args.concurrency}" + (f"_pace{args.pace:g}s" if args.pace else "")
+    (args.out / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{tag}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
@@ -137,7 +148,7 @@ def markdown(r: dict) -> str:
     keys = [k for k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "max_ms") if k in r["off"]]
     lines = ["# Shadow grading: upload latency, shadow off vs on", "",
              f"Measured by `python -m bench.shadow --rounds {r['rounds']} --uploads {r['uploads_per_arm']} "
-             f"--concurrency {r['concurrency']}` on {r['machine']['cpus']} CPUs (shared machine), model: {r['model']}.",
+             f"--concurrency {r['concurrency']} --pace {r['pace_s']}` on {r['machine']['cpus']} CPUs (shared machine), model: {r['model']}.",
              "Both arms ran in one run, alternating order per round; the shadow queue was drained after each "
              "\"on\" arm.", "",
              "| | " + " | ".join(keys) + " |", "| --- | " + " | ".join("---" for _ in keys) + " |"]

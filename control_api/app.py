@@ -60,8 +60,9 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
         "storage": storage or storage_mod.from_settings(settings),
         "torchserve": torchserve or torchserve_mod.from_settings(settings),
     }
-    app.extensions["clarity"]["shadow"] = shadow_mod.Shadow(app.extensions["clarity"]["torchserve"],
-                                                            settings.shadow_queue_size)
+    app.extensions["clarity"]["shadow"] = shadow_mod.Shadow(
+        app.extensions["clarity"]["torchserve"], settings.shadow_queue_size,
+        shadow_mod.marker_dir_for(settings.database_url))
     bind(settings.database_url)
 
     app.before_request(_start)

@@ -5,7 +5,8 @@ answered, so its answers can be compared with the clinical ones before anyone pr
 - After an upload's clinical grading is stored, `offer()` puts a job on a bounded queue in this
   process and returns at once; one background thread per process asks TorchServe for the
   candidate's answer and stores it as a ShadowGrading row. The clinical answer never waits on
-  it, and the thread waits until no clinical call of this process is in flight before it asks.
+  it, and the thread waits until no clinical call of any API process on this host is in flight
+  before it asks.
   A full queue, a process busy for too long or a failed call drops the job (counted in
   clarity_shadow_gradings_total{outcome}); nothing is retried.
 - ShadowGrading is a table of its own. Every clinical read (the latest result, the history, the
@@ -17,10 +18,12 @@ drift alerts, metrics.MODEL_CARD_GRADE_SHARE), so the upload path never asks Tor
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
 import random
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -35,14 +38,24 @@ from .torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersio
 log = logging.getLogger(__name__)
 
 SETTING_CACHE_SECONDS = 5.0  # a new shadow setting reaches every worker process within this
-QUIET_WAIT_SECONDS = 30.0  # how long a shadow job waits for this process's clinical calls to finish
+QUIET_WAIT_SECONDS = 30.0  # how long a shadow job waits for clinical calls to finish before it is dropped
+QUIET_GAP_SECONDS = 0.1  # and how long none must have started or ended before it goes
+POLL_SECONDS = 0.02
 
-# Clinical calls to TorchServe in flight in this process (grading.grade counts them). A shadow
-# job waits until there are none, so it never competes with a clinical answer from the same
-# process; if the process stays busy for QUIET_WAIT_SECONDS the job is dropped (counted).
+# Clinical calls to TorchServe in flight (grading.grade counts them). A shadow job waits until
+# no API process on this host has one in flight, so the candidate never competes with a
+# clinical answer for TorchServe's CPU. In this process a counter says so; across gunicorn's
+# worker processes, a marker file per busy process in MARKER_DIR (created on 0 -> 1, removed on
+# 1 -> 0: two system calls per busy period, nothing per request when calls overlap).
 _in_flight = 0
 _in_flight_lock = threading.Lock()
-_quiet = threading.Condition(_in_flight_lock)
+MARKER_DIR: str | None = None
+
+
+def use_marker_dir(path: str) -> None:
+    global MARKER_DIR
+    os.makedirs(path, exist_ok=True)
+    MARKER_DIR = path
 
 
 class clinical_call:
@@ -52,18 +65,66 @@ class clinical_call:
         global _in_flight
         with _in_flight_lock:
             _in_flight += 1
+            if _in_flight == 1 and MARKER_DIR:
+                try:
+                    open(os.path.join(MARKER_DIR, str(os.getpid())), "w").close()
+                except OSError:
+                    pass
 
     def __exit__(self, *exc):
         global _in_flight
         with _in_flight_lock:
             _in_flight -= 1
-            if _in_flight == 0:
-                _quiet.notify_all()
+            if _in_flight == 0 and MARKER_DIR:
+                try:
+                    os.unlink(os.path.join(MARKER_DIR, str(os.getpid())))
+                except OSError:
+                    pass
+
+
+def marker_dir_for(database_url: str) -> str:
+    """One directory per deployment on this host (its processes share a database URL)."""
+    tag = hashlib.sha256(database_url.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"clarity-clinical-{os.getuid()}-{tag}")
+
+
+def _others_busy() -> tuple[bool, float]:
+    """(another process has a clinical call in flight, when the marker directory last changed)."""
+    if not MARKER_DIR:
+        return False, 0.0
+    try:
+        names = os.listdir(MARKER_DIR)
+        changed = os.stat(MARKER_DIR).st_mtime
+    except OSError:
+        return False, 0.0
+    me = str(os.getpid())
+    for name in names:
+        if name == me or not name.isdigit():
+            continue
+        try:
+            os.kill(int(name), 0)
+        except ProcessLookupError:  # a worker died mid-call: its marker must not block shadow forever
+            try:
+                os.unlink(os.path.join(MARKER_DIR, name))
+            except OSError:
+                pass
+            continue
+        except PermissionError:
+            pass
+        return True, changed
+    return False, changed
 
 
 def wait_quiet(timeout: float) -> bool:
-    with _quiet:
-        return _quiet.wait_for(lambda: _in_flight == 0, timeout)
+    """True once no clinical call has been in flight on this host for QUIET_GAP_SECONDS."""
+    deadline = time.monotonic() + timeout
+    while True:
+        others, changed = _others_busy()
+        if not _in_flight and not others and time.time() - changed >= QUIET_GAP_SECONDS:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -141,8 +202,10 @@ class Shadow:
     """The per-process queue and thread. Made once per app; the thread starts on first use in
     each process (gunicorn forks after the app may have been built)."""
 
-    def __init__(self, client, queue_size: int = 16):
+    def __init__(self, client, queue_size: int = 16, marker_dir: str | None = None):
         self.client = client
+        if marker_dir:
+            use_marker_dir(marker_dir)
         self.queue_size = queue_size
         self._lock = threading.Lock()
         self._pid = None

@@ -244,19 +244,44 @@ def test_cli_report(app, client, clinician, admin, patient, fake_torchserve):
     assert json.loads(as_json.output)["referral_disagreements_total"] == 1
 
 
-def test_shadow_work_waits_for_clinical_calls_in_flight(monkeypatch):
-    monkeypatch.setattr(shadow, "QUIET_WAIT_SECONDS", 0.2)
+def test_shadow_work_waits_for_clinical_calls_in_flight(monkeypatch, tmp_path):
+    monkeypatch.setattr(shadow, "MARKER_DIR", None)
+    shadow.use_marker_dir(str(tmp_path / "markers"))
     with shadow.clinical_call():
+        assert (tmp_path / "markers" / str(__import__("os").getpid())).exists()
         assert not shadow.wait_quiet(0.05)
-    assert shadow.wait_quiet(0.05)
+    assert not list((tmp_path / "markers").iterdir())
+    assert shadow.wait_quiet(1)
     client = BlockingClient()
     client.release.set()
     worker = shadow.Shadow(client)
+    monkeypatch.setattr(shadow, "QUIET_WAIT_SECONDS", 0.2)
     busy = sample("clarity_shadow_gradings_total", outcome="dropped_busy")
     with shadow.clinical_call():
         worker._grade("00000000-0000-4000-8000-000000000000", "image/jpeg", b"x", None,
                       shadow.Active("dr", "2.0", 1.0))
     assert client.calls == 0 and sample("clarity_shadow_gradings_total", outcome="dropped_busy") == busy + 1
+
+
+def test_another_api_process_in_flight_holds_shadow_back(monkeypatch, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(shadow, "MARKER_DIR", None)
+    shadow.use_marker_dir(str(tmp_path))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / str(other.pid)).touch()  # what that process's clinical_call would write
+        assert not shadow.wait_quiet(0.3)
+        (tmp_path / str(other.pid)).unlink()
+        assert shadow.wait_quiet(1)
+    finally:
+        other.kill()
+        other.wait()
+    (tmp_path / str(other.pid)).touch()  # a marker left by a process that died mid-call
+    assert shadow.wait_quiet(1) and not (tmp_path / str(other.pid)).exists()
+    assert shadow.marker_dir_for("sqlite:///a.db") != shadow.marker_dir_for("sqlite:///b.db")
 
 
 def test_grade_pending_offers_to_shadow_too(app, client, clinician, admin, patient, fake_torchserve):
