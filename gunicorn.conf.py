@@ -41,7 +41,10 @@ control_socket_disable = True
 def pre_request(worker, req):
     # gunicorn's default logs every raw path at DEBUG, before the app can tell whether it is a
     # route or client input that may hold a name or record number (see logs.GunicornLogger).
-    pass
+    # The app closes the connection after an answer that left the body unread (keepalive.py).
+    from control_api import keepalive
+
+    keepalive.serving(req)
 
 
 def on_starting(server):
@@ -57,3 +60,32 @@ def child_exit(server, worker):
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+
+
+def _json_error(sock, status_int, reason, mesg):
+    """gunicorn's own answers (414 for an over-long request line, 400 for a malformed one, 431
+    for too many headers) in the API's JSON error shape instead of gunicorn's HTML page. The
+    message is the reason only: gunicorn's `mesg` quotes the request line, which may carry a
+    name or record number typed into a URL."""
+    import json
+    import uuid
+
+    from gunicorn import util
+
+    body = json.dumps({"error": {"code": reason.lower().replace(" ", "_"), "message": reason + ".",
+                                 "request_id": uuid.uuid4().hex}}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+            f"Content-Security-Policy: default-src 'none'; frame-ancestors 'none'\r\n\r\n").encode("latin1")
+    util.write_nonblock(sock, head + body)
+
+
+def _answer_errors_as_json():
+    # gunicorn has no setting for the format of the answers it writes itself; its workers call
+    # util.write_error, so that function is replaced here, in the master, before the fork.
+    from gunicorn import util
+
+    util.write_error = _json_error
+
+
+_answer_errors_as_json()

@@ -8,15 +8,15 @@ import time
 import uuid
 
 import flask_smorest
-from flask import Flask, g, request
+from flask import Flask, current_app, g, request
 from flask_cors import CORS
 
-from . import audit, auth, cli, errors, logs, metrics, ratelimit, schemas
+from . import audit, auth, cli, errors, keepalive, logs, metrics, ratelimit, schemas
 from . import shadow as shadow_mod
 from . import storage as storage_mod
 from . import torchserve as torchserve_mod
 from .blueprints import audit as audit_bp
-from .blueprints import health, patients, screenings, versions
+from .blueprints import docs, exams, health, patients, screenings, versions
 from .blueprints import shadow as shadow_bp
 from .db import bind, db
 from .settings import Settings
@@ -27,6 +27,9 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 # Room for the multipart framing and form fields around an image of MAX_UPLOAD_BYTES.
 MULTIPART_OVERHEAD = 64 * 1024
+# Every body that is not a multipart upload (JSON: patients, re-grade requests). A JSON array of
+# empty objects takes about 24 times its size in memory, so a 20 MiB one took ~500 MB a request.
+JSON_BODY_LIMIT = 64 * 1024
 
 
 class Api(flask_smorest.Api):
@@ -50,8 +53,7 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + MULTIPART_OVERHEAD,
         API_TITLE="Clarity in Care API", API_VERSION="v1", OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/api/v1", OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH="docs", OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
-        API_SPEC_OPTIONS={"info": {"description": (
+                API_SPEC_OPTIONS={"info": {"description": (
             "Diabetic retinopathy screening. Grades come from a demo model trained on synthetic "
             "images: not for clinical use. See docs/api.md.")}},
     )
@@ -60,20 +62,24 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
         "storage": storage or storage_mod.from_settings(settings),
         "torchserve": torchserve or torchserve_mod.from_settings(settings),
     }
+    # The shadow thread has a client of its own: it must not take one of the in-flight slots
+    # that keep gunicorn's threads from all waiting on TorchServe (tests inject a fake for both).
     app.extensions["clarity"]["shadow"] = shadow_mod.Shadow(
-        app.extensions["clarity"]["torchserve"], settings.shadow_queue_size,
+        torchserve or torchserve_mod.from_settings(settings, bounded=False), settings.shadow_queue_size,
         shadow_mod.marker_dir_for(settings.database_url))
-    bind(settings.database_url)
+    bind(settings.database_url, settings.database_statement_timeout_seconds)
 
     app.before_request(_start)
+    app.before_request(_limit_body)
     app.before_request(auth.enforce)
     ratelimit.init_app(app, settings)  # after auth.enforce: the limit is counted per API key
 
     api = Api(app)
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
-    for blueprint in (health.blp, patients.blp, screenings.blp, versions.blp, audit_bp.blp):
+    for blueprint in (health.blp, patients.blp, exams.blp, screenings.blp, versions.blp, audit_bp.blp):
         api.register_blueprint(blueprint)
     api.register_blueprint(shadow_bp.blp)
+    app.register_blueprint(docs.bp)  # not an API resource: left out of the OpenAPI document
     errors.register(app)
     if settings.cors_origins:
         CORS(app, resources={r"/api/*": {"origins": list(settings.cors_origins)}},
@@ -87,13 +93,30 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
     app.after_request(audit.record)
     app.teardown_request(_close_db)
     cli.register(app)
+    # Outermost: sees whether anything read the request body to its end (keepalive.py).
+    app.wsgi_app = keepalive.CloseUnreadBodies(app.wsgi_app)
     return app
 
 
 def _start():
+    # The server's own id is the one in audit rows, error bodies, logs and X-Request-ID: a
+    # client cannot make two requests share one, or pick the id an auditor will search for.
+    # A well-formed client id is logged beside it (client_request_id) for correlation.
+    g.request_id = uuid.uuid4().hex
     incoming = request.headers.get("X-Request-ID", "")
-    g.request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    if REQUEST_ID.match(incoming):
+        g.client_request_id = incoming
     g.started = time.perf_counter()
+
+
+def _limit_body():
+    # Only photographs are large. They come as multipart/form-data, to routes marked with
+    # @uploads (a raw image sent there gets its 422 "send a multipart form", not a 413); no
+    # other route reads a multipart body (a JSON route answers 415 without reading it).
+    # Werkzeug raises 413 as soon as a body is read past the limit, chunked bodies included.
+    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
+    if not getattr(view, "_uploads", False) and request.mimetype != "multipart/form-data":
+        request.max_content_length = JSON_BODY_LIMIT
 
 
 def _security_headers(response):
@@ -101,8 +124,8 @@ def _security_headers(response):
     headers.setdefault("X-Content-Type-Options", "nosniff")
     headers.setdefault("X-Frame-Options", "DENY")
     headers.setdefault("Referrer-Policy", "no-referrer")
-    if request.blueprint == "api-docs":  # the docs page loads Swagger UI from its CDN
-        headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
+    if request.blueprint == "swagger_ui":  # the pinned Swagger UI files, from this origin only
+        headers["Content-Security-Policy"] = docs.CSP
     else:
         headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
         headers["Cache-Control"] = "no-store"
@@ -119,7 +142,8 @@ def _finish(response):
     metrics.REQUEST_SECONDS.labels(method, route).observe(elapsed)
     key = g.get("api_key")
     log.info("request", extra={"method": method, "route": route, "status": response.status_code,
-                               "duration_ms": round(elapsed * 1000, 2), "key_prefix": key.prefix if key else None})
+                               "duration_ms": round(elapsed * 1000, 2), "key_prefix": key.prefix if key else None,
+                               "client_request_id": g.get("client_request_id")})
     return response
 
 

@@ -12,13 +12,16 @@ from flask.cli import with_appcontext
 from . import agreement, migrations
 from .auth import create_key, revoke_key
 from .db import db
-from .grading import claim, grade, release
+from .grading import grade_pending
 from .models import ROLES, ApiKey, Grading, Screening, utcnow
 from .storage import IntegrityError, ObjectMissing, StorageUnavailable, get_storage
-from .torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client
+from .torchserve import get_client
 
 
 def _migrate() -> None:
+    from .db import _deadline
+
+    _deadline.seconds = 3600.0  # a step may take long; lock_timeout keeps it from queueing traffic
     before = migrations.current_version(db.obj)
     applied = migrations.migrate(db.obj)
     if applied:
@@ -79,33 +82,32 @@ def keys_revoke(prefix):
 @click.command("grade-pending")
 @click.option("--limit", type=int, default=None, help="Grade at most this many.")
 @with_appcontext
-def grade_pending(limit):
-    """Grade every pending screening once. Safe beside uploads and other runs: each screening is
-    claimed before grading, so none is graded twice. Stops when TorchServe is unavailable."""
-    client, storage = get_client(), get_storage()
-    query = Screening.select(Screening.id).where(Screening.status == "pending").order_by(Screening.created_at)
-    counts = {"graded": 0, "ungradable": 0, "failed": 0, "skipped": 0}
-    for row in query.limit(limit) if limit else query:
-        if not claim(row.id):
-            counts["skipped"] += 1  # someone else is grading it right now
-            continue
-        screening = Screening.get_by_id(row.id)
-        try:
-            grade(client, screening, storage.get(screening.image_key, sha256=screening.image_sha256))
-        except (TorchServeUnavailable, UnknownModelVersion, StorageUnavailable) as exc:
-            release(screening)
-            click.echo(f"stopped: {exc}; {sum(counts.values())} done, the rest stay pending", err=True)
-            sys.exit(1)
-        except (ImageRejected, ObjectMissing, IntegrityError) as exc:
-            Screening.update(status="failed", grading_started_at=None, updated_at=utcnow()).where(
-                Screening.id == screening.id).execute()
-            click.echo(f"{screening.id} failed: {getattr(exc, 'code', type(exc).__name__)}")
-            counts["failed"] += 1
-            continue
-        counts[screening.status] += 1
-        click.echo(f"{screening.id} {screening.status}")
-    click.echo(", ".join(f"{n} {k}" for k, n in counts.items()))
-    current_app.extensions["clarity"]["shadow"].drain()  # shadow gradings queued by this process
+def grade_pending_command(limit):
+    """Grade every pending screening once. Safe beside uploads, other runs and the background
+    grader: each screening is claimed before grading, so none is graded twice. Goes on past a
+    screening TorchServe fails on (counted; `failed` after grading.MAX_ATTEMPTS); stops, exit
+    status 1, when TorchServe or storage is not there at all."""
+    counts = grade_pending(get_client(), get_storage(), limit, say=click.echo)
+    click.echo(", ".join(f"{n} {k}" for k, n in counts.items() if k != "stopped"))
+    current_app.extensions["clarity"]["shadow"].drain()  # shadow gradings this process queued
+    if counts["stopped"]:
+        sys.exit(1)
+
+
+@click.command("grade-worker")
+@click.option("--interval", type=float, default=30.0, show_default=True,
+              help="Seconds between passes over the pending screenings.")
+@click.option("--once", is_flag=True, help="One pass, then exit (for a scheduled job).")
+@with_appcontext
+def grade_worker(interval, once):
+    """Grade pending screenings in the background, for ever: what `make run`, compose and ECS
+    run beside the API, so uploads kept pending while TorchServe was away get graded when it is
+    back. Same claim as grade-pending (exactly once), same bounded attempts. Publishes the
+    backlog (clarity_pending_screenings, clarity_pending_oldest_age_seconds) on its own
+    /metrics port when GRADER_METRICS_PORT is set."""
+    from . import worker
+
+    worker.run(get_client(), get_storage(), interval=interval, once=once, say=click.echo)
 
 
 @click.command("check-storage")
@@ -113,7 +115,7 @@ def grade_pending(limit):
 def check_storage():
     """Read every screening's image back and compare its SHA-256 with the record."""
     storage = get_storage()
-    checked = problems = 0
+    checked = problems = unreadable = 0
     for s in Screening.select(Screening.id, Screening.image_key, Screening.image_sha256).iterator():
         checked += 1
         try:
@@ -124,8 +126,11 @@ def check_storage():
         except IntegrityError:
             problems += 1
             click.echo(f"{s.id} SHA-256 mismatch {s.image_key}")
-    click.echo(f"{checked} checked, {problems} problems")
-    if problems:
+        except StorageUnavailable as exc:  # the network failed, not the object: not a mismatch
+            unreadable += 1
+            click.echo(f"{s.id} could not be read now ({exc}); run again")
+    click.echo(f"{checked} checked, {problems} problems" + (f", {unreadable} unreadable" if unreadable else ""))
+    if problems or unreadable:
         sys.exit(1)
 
 
@@ -194,6 +199,6 @@ def shadow_report(version, baseline_version, as_json):
 
 
 def register(app) -> None:
-    for command in (migrate_command, init_db_command, keys, grade_pending, check_storage, reconcile,
-                    shadow_group):
+    for command in (migrate_command, init_db_command, keys, grade_pending_command, grade_worker, check_storage,
+                    reconcile, shadow_group):
         app.cli.add_command(command)

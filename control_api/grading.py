@@ -1,21 +1,33 @@
 """Asking the model server about one screening and keeping its answer.
 
-Shared by the upload, the re-grade endpoint and `flask grade-pending`. A lease column keeps two
-of them from grading the same pending screening at once: whoever sets `grading_started_at`
-first grades it; a lease older than LEASE (a crashed worker) may be taken over.
+Shared by the upload, the re-grade endpoint, `flask grade-pending` and the background grader
+(`flask grade-worker`). A lease column keeps two of them from grading the same pending
+screening at once: whoever sets `grading_started_at` first grades it; a lease older than LEASE
+(a crashed worker) may be taken over.
+
+Attempts are counted: an attempt in which TorchServe was reached but did not grade (a 5xx, a
+timeout: a worker that crashes on this image looks like that) adds one, and after
+MAX_ATTEMPTS the screening is `failed`, so one poisonous image cannot stop the queue behind it.
+TorchServe being unreachable or busy (nothing was asked) counts nothing: the screening waits.
 """
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from flask import current_app, has_app_context
+from peewee import Case, fn
 
 from . import metrics, shadow
 from .db import db
 from .models import Grading, Screening, utcnow
-from .torchserve import TorchServeClient
+from .storage import IntegrityError, ObjectMissing, StorageUnavailable
+from .torchserve import ImageRejected, TorchServeClient, TorchServeUnavailable, UnknownModelVersion
+
+log = logging.getLogger(__name__)
 
 LEASE = timedelta(minutes=5)
+MAX_ATTEMPTS = 5
 
 
 def claim(screening_id) -> bool:
@@ -28,6 +40,21 @@ def claim(screening_id) -> bool:
 
 def release(screening: Screening) -> None:
     Screening.update(grading_started_at=None).where(Screening.id == screening.id).execute()
+
+
+def failed_attempt(screening: Screening) -> bool:
+    """Count an attempt TorchServe did not finish and release the lease; True when that was
+    the last one allowed (the screening is now `failed`)."""
+    attempts = Screening.grading_attempts + 1
+    Screening.update(
+        grading_attempts=attempts, grading_started_at=None, updated_at=utcnow(),
+        status=Case(None, [(attempts >= MAX_ATTEMPTS, "failed")], Screening.status),
+    ).where(Screening.id == screening.id).execute()
+    status = Screening.select(Screening.status).where(Screening.id == screening.id).scalar()
+    if status == "failed":
+        metrics.SCREENINGS.labels("failed").inc()
+        return True
+    return False
 
 
 def grade(client: TorchServeClient, screening: Screening, image: bytes, version: str | None = None,
@@ -62,3 +89,57 @@ def grade(client: TorchServeClient, screening: Screening, image: bytes, version:
     if offer_shadow and has_app_context():
         current_app.extensions["clarity"]["shadow"].offer(screening, image, grading)
     return grading
+
+
+def grade_pending(client, storage, limit: int | None = None, say=lambda line: None) -> dict:
+    """Grade pending screenings once each, oldest first. Stops early only when TorchServe is
+    not there at all (nothing can be graded now); goes on past any one screening's failure."""
+    query = (Screening.select(Screening.id)
+             .where((Screening.status == "pending") & (Screening.grading_attempts < MAX_ATTEMPTS))
+             .order_by(Screening.created_at))
+    counts = {"graded": 0, "ungradable": 0, "failed": 0, "retry": 0, "skipped": 0, "stopped": 0}
+    for row in query.limit(limit) if limit else query:
+        if not claim(row.id):
+            counts["skipped"] += 1  # someone else is grading it right now
+            continue
+        screening = Screening.get_by_id(row.id)
+        try:
+            grade(client, screening, storage.get(screening.image_key, sha256=screening.image_sha256))
+        except TorchServeUnavailable as exc:
+            if not exc.reached:
+                release(screening)
+                counts["stopped"] = 1
+                say(f"stopped: {exc}; the rest stay pending")
+                break
+            last = failed_attempt(screening)
+            counts["failed" if last else "retry"] += 1
+            say(f"{screening.id} {'failed' if last else 'will be retried'}: {exc}")
+            continue
+        except (UnknownModelVersion, StorageUnavailable) as exc:
+            release(screening)
+            counts["stopped"] = 1
+            say(f"stopped: {exc}; the rest stay pending")
+            break
+        except (ImageRejected, ObjectMissing, IntegrityError) as exc:
+            Screening.update(status="failed", grading_started_at=None, updated_at=utcnow()).where(
+                Screening.id == screening.id).execute()
+            metrics.SCREENINGS.labels("failed").inc()
+            say(f"{screening.id} failed: {getattr(exc, 'code', type(exc).__name__)}")
+            counts["failed"] += 1
+            continue
+        counts[screening.status] += 1
+        say(f"{screening.id} {screening.status}")
+    return counts
+
+
+def backlog() -> tuple[int, float]:
+    """(pending screenings, age in seconds of the oldest one) for the backlog metrics."""
+    count, oldest = Screening.select(fn.COUNT(Screening.id), fn.MIN(Screening.created_at)).where(
+        Screening.status == "pending").scalar(as_tuple=True)
+    if not oldest:
+        return int(count or 0), 0.0
+    if isinstance(oldest, str):  # SQLite hands aggregates back as text
+        from datetime import datetime
+
+        oldest = datetime.fromisoformat(oldest)
+    return int(count or 0), max(0.0, (utcnow() - oldest).total_seconds())

@@ -131,8 +131,68 @@ def upgrade_v1_to_v2(database) -> None:
         database.execute_sql(sql)
 
 
-def _v3_shadow_models(database):
-    """The tables v3 adds (shadow grading), frozen; they refer to v1 tables by their ids only."""
+def upgrade_v2_to_v3(database) -> None:
+    """Counted grading attempts (a screening fails after grading.MAX_ATTEMPTS). One ALTER with a
+    constant default: no table rewrite on PostgreSQL 11+, and on SQLite no table rebuild (which
+    playhouse's NOT NULL step would do, and whose DROP TABLE cascades to the gradings)."""
+    database.execute_sql("ALTER TABLE screening ADD COLUMN grading_attempts INTEGER NOT NULL DEFAULT 0")
+
+
+def _v4_exam_model(database, v1: dict):
+    """The exam table as schema v4 created it."""
+
+    class Exam(Model):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        patient = ForeignKeyField(v1["Patient"], backref="exams", on_delete="CASCADE")
+        performed_at = DateTimeField(default=utcnow)
+        accession_number = CharField(max_length=64, null=True)
+        created_at = DateTimeField(default=utcnow)
+        created_by = ForeignKeyField(v1["ApiKey"], null=True, on_delete="SET NULL")
+        idempotency_key = CharField(max_length=255, null=True)
+        request_fingerprint = CharField(max_length=64, null=True)
+
+        class Meta:
+            database = None
+            table_name = "exam"
+
+    database.bind([Exam], bind_refs=False, bind_backrefs=False)
+    return Exam
+
+
+def upgrade_v3_to_v4(database) -> None:
+    """Exams (visits): every photograph belongs to one, and has a field (disc/macula/other).
+
+    Each existing screening gets an exam of its own with the screening's id as the exam's id
+    (ids of different tables never meet), so one INSERT ... SELECT and one UPDATE move any
+    amount of data. Its time is when the photograph was taken, else when it was uploaded."""
+    v1 = _v1_models(database)
+    exam = _v4_exam_model(database, v1)
+    database.create_tables([exam])
+    migrator = SchemaMigrator.from_database(database)
+    apply_operations(migrator.add_column("screening", "exam_id", ForeignKeyField(
+        exam, field=exam.id, null=True, on_delete="CASCADE")))
+    # One statement both databases take as is; playhouse's add_column of a NOT NULL column
+    # would rebuild the SQLite table (see below).
+    database.execute_sql("ALTER TABLE screening ADD COLUMN field VARCHAR(8) NOT NULL DEFAULT 'other'")
+    database.execute_sql(
+        "INSERT INTO exam (id, patient_id, performed_at, created_at, created_by_id) "
+        "SELECT id, patient_id, COALESCE(captured_at, created_at), created_at, created_by_id FROM screening")
+    database.execute_sql("UPDATE screening SET exam_id = id")
+    if isinstance(database, PostgresqlDatabase):
+        # SQLite can only add NOT NULL by rebuilding the table, and dropping the old copy
+        # fires ON DELETE CASCADE on every grading; there the code alone keeps it set.
+        apply_operations(migrator.add_not_null("screening", "exam_id"))
+    for sql in (  # add_column indexed screening.exam_id already
+        "CREATE INDEX exam_patient_performed ON exam (patient_id, performed_at DESC, id DESC)",
+        "CREATE UNIQUE INDEX exam_idempotency ON exam (created_by_id, idempotency_key)",
+    ):
+        database.execute_sql(sql)
+
+
+
+
+def _v5_shadow_models(database):
+    """The tables v5 adds (shadow grading), frozen; they refer to v1 tables by their ids only."""
 
     class Base(Model):
         class Meta:
@@ -188,13 +248,11 @@ def _v3_shadow_models(database):
     return {m.__name__: m for m in models}
 
 
-def upgrade_v2_to_v3(database) -> None:
+def upgrade_v4_to_v5(database) -> None:
     """Shadow grading: the candidate in shadow and its answers, apart from the clinical gradings."""
-    v3 = _v3_shadow_models(database)
-    database.create_tables([v3["ShadowSetting"], v3["ShadowGrading"]])
-
-
-STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3}
+    v5 = _v5_shadow_models(database)
+    database.create_tables([v5["ShadowSetting"], v5["ShadowGrading"]])
+STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3, 4: upgrade_v3_to_v4, 5: upgrade_v4_to_v5}
 LATEST = max(STEPS)
 
 
@@ -231,3 +289,9 @@ def _lock_args(database) -> tuple:
 def _lock(database) -> None:
     if isinstance(database, PostgresqlDatabase):
         database.execute_sql("SELECT pg_advisory_xact_lock(727001)")
+        # A step waiting for a table lock behind a long transaction would queue every request
+        # behind itself: give up after a few seconds instead (rerun `flask migrate`). New index
+        # steps on large tables belong in steps of their own with CREATE INDEX CONCURRENTLY,
+        # which cannot run inside this transaction (docs/deployment.md).
+        database.execute_sql("SET LOCAL lock_timeout = '5s'")
+        database.execute_sql("SET LOCAL statement_timeout = 0")  # the API's per-statement limit is not for steps

@@ -17,6 +17,7 @@ from .db import db
 EYES = ("left", "right")
 SEXES = ("female", "male", "other", "unknown")
 STATUSES = ("pending", "graded", "ungradable", "failed")
+FIELDS = ("disc", "macula", "other")  # which part of the retina a photograph centres on
 ROLES = ("clinician", "admin", "auditor")
 
 
@@ -54,8 +55,22 @@ class Patient(BaseModel):
     updated_at = DateTimeField(default=utcnow)
 
 
+class Exam(BaseModel):
+    """One screening visit: the photographs of both eyes taken together. Added in schema v4."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    patient = ForeignKeyField(Patient, backref="exams", on_delete="CASCADE")
+    performed_at = DateTimeField(default=utcnow)
+    # The clinic's visit identifier: PHI-like, so never in URLs, logs, keys or labels.
+    accession_number = CharField(max_length=64, null=True)
+    created_at = DateTimeField(default=utcnow)
+    created_by = ForeignKeyField(ApiKey, null=True, on_delete="SET NULL")
+    idempotency_key = CharField(max_length=255, null=True)
+    request_fingerprint = CharField(max_length=64, null=True)
+
+
 class Screening(BaseModel):
-    """One photograph of one eye."""
+    """One photograph of one eye, taken at an exam."""
 
     id = UUIDField(primary_key=True, default=uuid.uuid4)
     patient = ForeignKeyField(Patient, backref="screenings", on_delete="CASCADE")
@@ -74,6 +89,12 @@ class Screening(BaseModel):
     idempotency_key = CharField(max_length=255, null=True)
     request_fingerprint = CharField(max_length=64, null=True)  # sha256 of what the upload asked for
     grading_started_at = DateTimeField(null=True)  # lease: who is asking TorchServe right now
+    # Added in schema v3: attempts TorchServe was reached but did not grade (grading.py).
+    grading_attempts = IntegerField(default=0)
+    # Added in schema v4: every photograph belongs to an exam (the migration gave each older
+    # screening an exam of its own).
+    exam = ForeignKeyField(Exam, backref="images", on_delete="CASCADE")
+    field = CharField(max_length=8, default="other")
 
     def history(self) -> list["Grading"]:
         return list(self.gradings.order_by(Grading.created_at.desc(), Grading.id.desc()))
@@ -177,4 +198,4 @@ class SchemaVersion(BaseModel):
         table_name = "schema_version"
 
 
-MODELS = (ApiKey, Patient, Screening, Grading, AuditEvent, SchemaVersion, ShadowSetting, ShadowGrading)
+MODELS = (ApiKey, Patient, Exam, Screening, Grading, AuditEvent, SchemaVersion, ShadowSetting, ShadowGrading)

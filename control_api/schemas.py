@@ -1,6 +1,7 @@
 """Request and response schemas (marshmallow), used both to validate and to write the OpenAPI doc."""
 from __future__ import annotations
 
+import re
 from datetime import date, datetime, timedelta, timezone
 
 import marshmallow as ma
@@ -8,7 +9,8 @@ from flask_smorest.fields import Upload
 from marshmallow import fields, validate
 from werkzeug.datastructures import FileStorage
 
-from .models import EYES, SEXES, STATUSES
+from . import codes
+from .models import EYES, FIELDS, SEXES, STATUSES
 
 MODEL_VERSION = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$",
                                 error="A model version is letters, digits, '.', '_' or '-'.")
@@ -66,17 +68,38 @@ class NotReady(Error):
 
 
 # PostgreSQL text cannot hold NUL (the insert fails), and terminal escapes or line breaks have
-# no place in a name, a record number or a camera model. A pattern, not a function, so that the
-# OpenAPI document states the rule too. Patient fields are stripped first, so they also need one
-# character that is not a space.
+# no place in a name, a record number or a camera model. Patient fields are stripped first, so
+# they also need one character that is not a space.
+#
+# The patterns are written so that a regex engine with backtracking runs them in linear time
+# (no two quantifiers can match the same character), and the length is checked before any of
+# them: `^[^C]*[^\sC][^C]*$`, the earlier not-blank pattern, backtracked quadratically and
+# still ran after the length check had failed (a 24,000-character name held a worker for
+# seconds). `Text` is one validator, so a failed length check stops there.
 _CONTROL = r"\x00-\x1f\x7f-\x9f"
-NO_CONTROL = validate.Regexp(rf"^[^{_CONTROL}]*$", error="Must not contain control characters.")
-NOT_BLANK = validate.Regexp(rf"^[^{_CONTROL}]*[^\s{_CONTROL}][^{_CONTROL}]*$",
-                            error="Must contain a character other than spaces, and no control characters.")
+NO_CONTROL_PATTERN = rf"^[^{_CONTROL}]*$"
+NOT_BLANK_PATTERN = rf"^(?=[^{_CONTROL}]*$)\s*[^\s{_CONTROL}]"
+
+
+class Text(validate.Length):
+    """Length first, then a linear-time pattern (the OpenAPI document shows both: apispec
+    reads `min`/`max` as a Length and `regex` as the pattern)."""
+
+    def __init__(self, min: int, max: int, *, blank: bool = True):
+        super().__init__(min=min, max=max)
+        self.regex = re.compile(NO_CONTROL_PATTERN if blank else NOT_BLANK_PATTERN)
+        self.pattern_error = ("Must not contain control characters." if blank else
+                              "Must contain a character other than spaces, and no control characters.")
+
+    def __call__(self, value: str) -> str:
+        super().__call__(value)  # raises before the pattern runs on an over-long value
+        if self.regex.match(value) is None:
+            raise ma.ValidationError(self.pattern_error)
+        return value
 
 
 def text(min: int, max: int, *, blank: bool = True) -> list:
-    return [validate.Length(min=min, max=max), NO_CONTROL if blank else NOT_BLANK]
+    return [Text(min, max, blank=blank)]
 
 
 def _not_future_date(value: date) -> None:
@@ -166,7 +189,10 @@ class ImageInfo(Schema):
 class Screening(Schema):
     id = fields.UUID()
     patient_id = fields.UUID(attribute="patient_id")
+    exam_id = fields.UUID(attribute="exam_id", metadata={"description": "the exam (visit) it was taken at"})
     eye = fields.String(validate=validate.OneOf(EYES))
+    field = fields.String(validate=validate.OneOf(FIELDS), metadata={
+        "description": "disc- or macula-centred, or other"})
     captured_at = UTCDateTime(allow_none=True)
     camera = fields.String(allow_none=True)
     status = fields.String(validate=validate.OneOf(STATUSES))
@@ -196,12 +222,19 @@ class ImageFile(Upload):
         return value
 
 
-class ScreeningUpload(Schema):
+class ExamImageUpload(Schema):
     image = ImageFile(required=True, metadata={"description": "JPEG, PNG or TIFF, stored unchanged"})
     eye = fields.String(required=True, validate=validate.OneOf(EYES))
+    field = fields.String(load_default="other", validate=validate.OneOf(FIELDS),
+                          metadata={"description": "disc (disc-centred), macula (macula-centred) or other"})
     captured_at = UTCDateTime(validate=_not_future_time,
                               metadata={"description": "ISO-8601; without an offset it is taken as UTC"})
     camera = fields.String(validate=text(1, 200))
+
+
+class ScreeningUpload(ExamImageUpload):
+    exam_id = fields.UUID(metadata={"description": "an exam of this patient to add the photograph to; "
+                                                   "without it the photograph opens an exam of its own"})
 
 
 class GradeRequest(Schema):
@@ -224,10 +257,65 @@ class EyeSummary(Schema):
 
 class Summary(Schema):
     patient_id = fields.UUID()
-    outcome = fields.String(validate=validate.OneOf(("refer", "retake", "rescreen_12_months", "pending")))
+    exam_id = fields.UUID(allow_none=True, metadata={"description": "the latest exam, which the summary is of"})
+    outcome = fields.String(validate=validate.OneOf(codes.OUTCOMES))
     message = fields.String()
     eyes = fields.Dict(keys=fields.String(), values=fields.Nested(EyeSummary, allow_none=True))
     disclaimer = fields.String(allow_none=True)
+
+
+class ExamCreate(Schema):
+    performed_at = UTCDateTime(validate=_not_future_time, metadata={
+        "description": "when the visit took place (ISO-8601; default now)"})
+    accession_number = fields.String(allow_none=True, validate=text(1, 64, blank=False), metadata={
+        "description": "the clinic's visit/accession identifier; treated like a record number"})
+
+    @ma.pre_load
+    def strip(self, data, **kwargs):
+        if isinstance(data, dict) and isinstance(data.get("accession_number"), str):
+            return {**data, "accession_number": data["accession_number"].strip()}
+        return data
+
+
+class QualityReason(Schema):
+    code = fields.String()
+    message = fields.String(allow_none=True)
+
+
+class EyeResult(Schema):
+    status = fields.String(validate=validate.OneOf(("graded", "ungradable", "pending", "missing")))
+    gradable = fields.Boolean()
+    grade = fields.Integer(allow_none=True, metadata={"description": "highest ICDR grade (0-4) among its "
+                                                                     "gradable photographs"})
+    label = fields.String(allow_none=True, metadata={"description": "the grade in ICDR words"})
+    referable = fields.Boolean(allow_none=True)
+    deciding_image_id = fields.UUID(allow_none=True, metadata={"description": "the photograph that gave the grade"})
+    quality_reasons = fields.List(fields.Nested(QualityReason), metadata={
+        "description": "why its ungradable photographs failed the quality gate"})
+
+
+class Exam(Schema):
+    id = fields.UUID()
+    patient_id = fields.UUID()
+    performed_at = UTCDateTime()
+    accession_number = fields.String(allow_none=True)
+    created_at = UTCDateTime()
+    outcome = fields.String(validate=validate.OneOf(codes.OUTCOMES))
+    message = fields.String(metadata={"description": "the outcome in the words the cleared products use"})
+    eyes = fields.Dict(keys=fields.String(validate=validate.OneOf(EYES)), values=fields.Nested(EyeResult))
+    images = fields.List(fields.Nested(Screening), metadata={"description": "its photographs, oldest first"})
+    model = fields.Nested(ModelRef, allow_none=True)
+    disclaimer = fields.String(allow_none=True)
+
+
+class ExamPage(Schema):
+    items = fields.List(fields.Nested(Exam))
+    next_cursor = fields.String(allow_none=True)
+
+
+class FhirArgs(Schema):
+    include_pdf = fields.Boolean(load_default=False, metadata={
+        "description": "add the PDF report as DiagnosticReport.presentedForm"})
 
 
 class ModelVersion(Schema):

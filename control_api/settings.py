@@ -41,10 +41,17 @@ class Settings:
     torchserve_management_url: str = setting("TORCHSERVE_MANAGEMENT_URL", "http://127.0.0.1:8081", "")
     torchserve_model_name: str = setting("TORCHSERVE_MODEL_NAME", "dr", "registered model name")
     torchserve_timeout_seconds: float = setting("TORCHSERVE_TIMEOUT_SECONDS", 30.0, "per prediction")
+    torchserve_max_in_flight: int = setting("TORCHSERVE_MAX_IN_FLIGHT", 0,
+                                            "predictions one worker awaits at once; 0 means threads - 1")
+    database_statement_timeout_seconds: float = setting("DATABASE_STATEMENT_TIMEOUT_SECONDS", 10.0,
+                                                        "longest wait on one database call")
     max_upload_bytes: int = setting("MAX_UPLOAD_BYTES", 20 * 1024 * 1024, "largest accepted image")
     cors_origins: tuple = setting("CORS_ORIGINS", (), "comma-separated origins allowed by CORS")
     upload_rate_limit: str = setting("UPLOAD_RATE_LIMIT", "60/minute", "uploads per API key")
+    regrade_rate_limit: str = setting("REGRADE_RATE_LIMIT", "30/minute", "re-grades per API key")
+    delete_rate_limit: str = setting("DELETE_RATE_LIMIT", "30/minute", "patient deletions per API key")
     rate_limit_storage_uri: str = setting("RATE_LIMIT_STORAGE_URI", "memory://", "flask-limiter storage")
+    rate_limit_prefix: str = setting("RATE_LIMIT_PREFIX", "clarity", "prefix of the limiter's keys")
     web_concurrency: int = setting("WEB_CONCURRENCY", 0, "gunicorn workers; 0 means min(2 x cores + 1, 8)")
     gunicorn_threads: int = setting("GUNICORN_THREADS", 4, "threads per gunicorn worker")
     gunicorn_timeout: int = setting("GUNICORN_TIMEOUT", 0, "worker timeout; 0 means TorchServe's + 30 s")
@@ -74,6 +81,10 @@ class Settings:
                 raise SettingsError(f"{_env(name)} must be positive")
         if isinstance(self.cors_origins, str):
             object.__setattr__(self, "cors_origins", _origins(self.cors_origins))
+
+    @property
+    def torchserve_max_in_flight_effective(self) -> int:
+        return self.torchserve_max_in_flight or max(1, self.gunicorn_threads - 1)
 
     @property
     def workers(self) -> int:

@@ -202,12 +202,16 @@ class S3Storage(Storage):
     def get(self, key, *, sha256):
         _check_key(key)
         response = self._call("get", key, self.client.get_object, Key=key, ChecksumMode="ENABLED")
-        from botocore.exceptions import BotoCoreError
+        from botocore.exceptions import FlexibleChecksumError
 
         try:
             data = response["Body"].read()
-        except BotoCoreError as exc:  # includes botocore's own checksum mismatch
+        except FlexibleChecksumError as exc:  # S3's SHA-256 of the object does not match the bytes
             raise IntegrityError(f"object {key} failed its checksum") from exc
+        except Exception as exc:
+            # A read timeout, a connection closed mid-body, a short read: the network failed,
+            # not the object. Retryable (503), never reported as a corrupted image.
+            raise StorageUnavailable(f"S3 get {key} failed while reading: {type(exc).__name__}") from exc
         return _verify(key, data, sha256)
 
     def delete(self, key):

@@ -1,32 +1,17 @@
-"""One outcome per patient from the latest photograph of each eye, in the spirit of autonomous
-DR screening products (IDx-DR / LumineticsCore): more than mild DR detected -> refer; negative
--> rescreen in 12 months; insufficient quality -> retake. Which model output counts as
-"referable" is the model's call (its referable_threshold), not this module's."""
+"""A patient's summary: the outcome of their latest exam (outcome.py has the rules).
+
+Before exams it combined the latest photograph of each eye whatever its date; now both eyes
+come from one visit. Each eye shows the photograph that decided its result (its highest
+gradable grade), else its latest photograph.
+"""
 from __future__ import annotations
 
-from .models import EYES, Patient, Screening
-
-MESSAGES = {
-    "refer": "More than mild diabetic retinopathy detected: refer to an eye care professional.",
-    "retake": "An eye has no gradable photograph: retake the photograph(s).",
-    "rescreen_12_months": "Negative for more than mild diabetic retinopathy: rescreen in 12 months.",
-    "pending": "Grading is still in progress for an eye: check again later.",
-}
+from . import codes, outcome
+from .models import Exam, Patient
 
 
-def outcome(latest: dict[str, Screening | None]) -> str:
-    """`latest` maps each eye to its latest screening (or None when never photographed)."""
-    gradings = {eye: s.latest_grading if s else None for eye, s in latest.items()}
-    if any(g is not None and g.gradable and g.referable for g in gradings.values()):
-        return "refer"
-    if any(s is not None and s.status == "pending" for s in latest.values()):
-        return "pending"
-    if all(g is not None and g.gradable for g in gradings.values()):
-        return "rescreen_12_months"
-    return "retake"
-
-
-def _eye(screening: Screening | None) -> dict | None:
+def _eye(result: outcome.EyeResult) -> dict | None:
+    screening = result.deciding or (result.images[-1] if result.images else None)
     if screening is None:
         return None
     g = screening.latest_grading
@@ -41,11 +26,17 @@ def _eye(screening: Screening | None) -> dict | None:
     return eye
 
 
+def latest_exam(patient: Patient) -> Exam | None:
+    return (Exam.select().where(Exam.patient == patient)
+            .order_by(Exam.performed_at.desc(), Exam.created_at.desc(), Exam.id.desc()).first())
+
+
 def for_patient(patient: Patient) -> dict:
-    latest = {eye: Screening.select().where((Screening.patient == patient) & (Screening.eye == eye))
-              .order_by(Screening.created_at.desc(), Screening.id.desc()).first() for eye in EYES}
-    result = outcome(latest)
-    eyes = {eye: _eye(s) for eye, s in latest.items()}
-    disclaimers = sorted({e["disclaimer"] for e in eyes.values() if e and e["disclaimer"]})
-    return {"patient_id": patient.id, "outcome": result, "message": MESSAGES[result], "eyes": eyes,
-            "disclaimer": " ".join(disclaimers) or None}
+    exam = latest_exam(patient)
+    if exam is None:
+        return {"patient_id": patient.id, "exam_id": None, "outcome": "retake",
+                "message": codes.OUTCOME_MESSAGES["retake"], "eyes": {"left": None, "right": None},
+                "disclaimer": None}
+    result = outcome.evaluate(exam)
+    return {"patient_id": patient.id, "exam_id": exam.id, "outcome": result.outcome, "message": result.message,
+            "eyes": {eye: _eye(r) for eye, r in result.eyes.items()}, "disclaimer": result.disclaimer}

@@ -3,11 +3,13 @@
 TorchServe is archived upstream; moving to another server (e.g. one speaking the Open
 Inference Protocol) means rewriting this file and nothing else. The rest of the API sees
 `TorchServeClient.predict()` returning the prediction dict of docs/contracts.md §4,
+`explain()` returning it with a Grad-CAM explanation,
 `models()` and `ready()`, and the three exceptions below.
 """
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 
@@ -20,7 +22,13 @@ from . import metrics
 
 
 class TorchServeUnavailable(Exception):
-    """Down, timed out, overloaded or answering 5xx: try again later."""
+    """Down, timed out, overloaded or answering 5xx: try again later. `reached` says whether
+    TorchServe got the request (a 5xx or a timeout: counted against the screening's attempts)
+    or not (unreachable, or this process already has as many calls in flight as it allows)."""
+
+    def __init__(self, message: str, *, reached: bool = False):
+        super().__init__(message)
+        self.reached = reached
 
 
 class ImageRejected(Exception):
@@ -58,7 +66,11 @@ _retry_connect = retry(retry=retry_if_exception_type(requests.ConnectionError),
 
 class TorchServeClient:
     def __init__(self, inference_url: str, management_url: str, model_name: str, timeout: float,
-                 pool_size: int = 16):
+                 pool_size: int = 16, max_in_flight: int | None = None):
+        # At most this many predictions at once per process: with TorchServe hung, the other
+        # threads stay free for probes and reads, and further uploads are kept pending (202)
+        # at once instead of each waiting out the timeout.
+        self.in_flight = threading.BoundedSemaphore(max_in_flight) if max_in_flight else None
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
         self.model_name = model_name
@@ -70,7 +82,19 @@ class TorchServeClient:
         self.session.mount("https://", adapter)
 
     def predict(self, image: bytes, content_type: str, version: str | None = None) -> dict:
-        url = f"{self.inference_url}/predictions/{self.model_name}" + (f"/{version}" if version else "")
+        return self._ask("predictions", image, content_type, version)
+
+    def explain(self, image: bytes, content_type: str, version: str | None = None) -> dict:
+        """The prediction plus `explanation` (Grad-CAM: `map`, `crop_box`, ...; null when the
+        image is ungradable), from TorchServe's explanations API."""
+        return self._ask("explanations", image, content_type, version)
+
+    def _ask(self, api: str, image: bytes, content_type: str, version: str | None) -> dict:
+        url = f"{self.inference_url}/{api}/{self.model_name}" + (f"/{version}" if version else "")
+        operation = "predict" if api == "predictions" else "explain"
+        if self.in_flight is not None and not self.in_flight.acquire(blocking=False):
+            metrics.TORCHSERVE_SECONDS.labels(operation, "busy").observe(0)
+            raise TorchServeUnavailable("this process already waits on as many predictions as it allows")
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -79,12 +103,15 @@ class TorchServeClient:
             return self._prediction(response, version)
         except requests.Timeout:
             outcome = "timeout"
-            raise TorchServeUnavailable(f"TorchServe did not answer within {self.timeout:g} s") from None
+            raise TorchServeUnavailable(f"TorchServe did not answer within {self.timeout:g} s",
+                                        reached=True) from None
         except requests.ConnectionError:
             outcome = "unreachable"
             raise TorchServeUnavailable("TorchServe is unreachable") from None
         finally:
-            metrics.TORCHSERVE_SECONDS.labels("predict", outcome).observe(time.perf_counter() - started)
+            metrics.TORCHSERVE_SECONDS.labels(operation, outcome).observe(time.perf_counter() - started)
+            if self.in_flight is not None:
+                self.in_flight.release()
 
     @_retry_connect
     def _post(self, url: str, image: bytes, content_type: str) -> requests.Response:
@@ -103,7 +130,13 @@ class TorchServeClient:
             code = body.get("code") if isinstance(body.get("code"), str) else "rejected_by_model_server"
             raise ImageRejected(response.status_code, code,
                                 body.get("message") or "The model server refused the image.")
-        raise TorchServeUnavailable(f"TorchServe answered {response.status_code}")
+        if response.status_code == 500 and isinstance(body, dict) and isinstance(body.get("code"), str):
+            # Our handler failed on this one image (context.set_response_status, the others in
+            # its batch were answered): the image, not the server. Asking again gives the same
+            # answer, so it is a rejection, not "TorchServe unavailable" (which kept it pending
+            # and stopped grade-pending at it for ever).
+            raise ImageRejected(500, body["code"], body.get("message") or "The model failed on this image.")
+        raise TorchServeUnavailable(f"TorchServe answered {response.status_code}", reached=True)
 
     @_retry_connect
     def _get(self, path: str) -> requests.Response:
@@ -170,10 +203,11 @@ def _json(response: requests.Response):
         return None
 
 
-def from_settings(settings) -> TorchServeClient:
+def from_settings(settings, bounded: bool = True) -> TorchServeClient:
     return TorchServeClient(settings.torchserve_inference_url, settings.torchserve_management_url,
                             settings.torchserve_model_name, settings.torchserve_timeout_seconds,
-                            pool_size=max(4, settings.gunicorn_threads * 2))
+                            pool_size=max(4, settings.gunicorn_threads * 2),
+                            max_in_flight=settings.torchserve_max_in_flight_effective if bounded else None)
 
 
 def get_client() -> TorchServeClient:

@@ -135,6 +135,10 @@ class DRHandler(BaseHandler):
                     "map_size": list(maps[row].shape),
                     "overlay_png_base64": base64.b64encode(
                         gradcam.overlay_png(prepared.display, maps[row])).decode("ascii"),
+                    # The map itself and where the network's crop lies in the photograph, so a
+                    # client can draw it on the whole photograph at its own size.
+                    "map": [[round(float(v), 4) for v in line] for line in maps[row]],
+                    "crop_box": _crop_fractions(prepared.disc),
                 }
             answers[idx] = answer
             self._count("DRImagesGraded", idx, Grade=grade)
@@ -181,6 +185,14 @@ class DRHandler(BaseHandler):
         dimensions += [Dimension(k, str(v)) for k, v in dimension.items()]
         self.context.metrics.add_metric(name, value, unit, idx=idx, dimensions=dimensions,
                                         metric_type=metric_type)
+
+
+def _crop_fractions(disc) -> list[float]:
+    """The square the network saw, as (left, top, right, bottom) fractions of the photograph's
+    width and height after EXIF orientation (it may reach outside [0, 1])."""
+    width, height = disc.image_size
+    left, top, right, bottom = disc.bbox
+    return [round(left / width, 5), round(top / height, 5), round(right / width, 5), round(bottom / height, 5)]
 
 
 def _image_bytes(row) -> bytes:

@@ -23,6 +23,11 @@ class Parser(FlaskParser):
         if not is_json_request(req) and req.content_length:
             # webargs would ignore the body and report every required field as missing.
             raise ApiError(415, "unsupported_media_type", "Send the body as JSON (Content-Type: application/json).")
+        limit = req.max_content_length
+        if req.content_length is None and limit is not None and len(req.get_data(cache=True)) >= limit:
+            # A chunked body: Werkzeug stops reading at the limit without an error, which
+            # would be parsed as truncated JSON (400) rather than refused as too large.
+            raise ApiError(413, "payload_too_large", "The request body is larger than the limit.")
         try:
             return super()._raw_load_json(req)
         except RecursionError:  # json.loads recurses once per level of nesting
@@ -35,3 +40,10 @@ class Blueprint(flask_smorest.Blueprint):
         **flask_smorest.Blueprint.DEFAULT_LOCATION_CONTENT_TYPE_MAPPING,
         "multipart": "multipart/form-data",
     }
+
+
+def uploads(view):
+    """The view takes an image upload: its body may reach MAX_UPLOAD_BYTES plus the multipart
+    framing. Every other route reads at most app.JSON_BODY_LIMIT (64 KiB)."""
+    view._uploads = True
+    return view

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import schemas
+from ..audit import audited, target
 from ..auth import AUDIT, roles
 from ..models import AuditEvent
 from ..pagination import page
@@ -12,10 +13,14 @@ blp = Blueprint("audit", __name__, url_prefix="/api/v1/audit-events", descriptio
 
 @blp.route("", methods=["GET"])
 @roles(*AUDIT)
+@audited("audit.list", "audit_event")
 @blp.arguments(schemas.AuditArgs, location="query")
 @blp.response(200, schemas.AuditPage)
 def list_events(args):
-    """Newest first; `patient_id` narrows to one patient. Events hold ids, never PHI."""
+    """Newest first; `patient_id` narrows to one patient. Events hold ids, never PHI. Reading
+    the trail is itself audited (action audit.list, with the patient asked about)."""
+    if "patient_id" in args:
+        target(patient_id=args["patient_id"])
     query = AuditEvent.select()
     if "patient_id" in args:
         query = query.where(AuditEvent.patient_id == args["patient_id"])

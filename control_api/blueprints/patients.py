@@ -10,8 +10,9 @@ from ..audit import audited, target
 from ..auth import CLINICAL, roles
 from ..db import db
 from ..errors import ApiError
-from ..models import Grading, Patient, Screening, utcnow
+from ..models import Exam, Grading, Patient, Screening, utcnow
 from ..pagination import page
+from ..ratelimit import delete_limit, limiter
 from ..storage import get_storage
 from . import Blueprint
 
@@ -90,6 +91,7 @@ def update_patient(data, patient_id):
 @blp.route("/<uuid:patient_id>", methods=["DELETE"])
 @roles(*CLINICAL)
 @audited("patient.delete", "patient")
+@limiter.limit(delete_limit)
 @blp.response(204)
 def delete_patient(patient_id):
     """Delete the patient, their screenings, gradings and images. Audit events stay (they hold
@@ -105,6 +107,7 @@ def delete_patient(patient_id):
         if ids:
             Grading.delete().where(Grading.screening.in_(ids)).execute()
             Screening.delete().where(Screening.id.in_(ids)).execute()
+        Exam.delete().where(Exam.patient == patient).execute()
         patient.delete_instance()
     log.info("patient deleted", extra={"patient_id": str(patient_id), "screenings": len(ids)})
     return None
@@ -115,5 +118,5 @@ def delete_patient(patient_id):
 @audited("patient.summary.read", "patient")
 @blp.response(200, schemas.Summary)
 def patient_summary(patient_id):
-    """Outcome of the latest photograph of each eye: refer, retake, rescreen_12_months or pending."""
+    """Outcome of the latest exam: refer, retake, rescreen_12_months or pending."""
     return summary.for_patient(get_patient(patient_id))

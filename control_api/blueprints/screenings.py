@@ -19,18 +19,19 @@ import uuid
 import peewee
 from flask import Response, current_app, g, redirect, request
 
-from .. import images, metrics, schemas
+from .. import explanation, images, metrics, schemas
 from ..audit import audited, target
 from ..auth import ADMIN, CLINICAL, require_role, roles
 from ..db import db
 from ..errors import RETRY_AFTER_SECONDS, ApiError
-from ..grading import grade, release
-from ..models import Grading, Screening, utcnow
+from ..grading import failed_attempt, grade, release
+from ..models import Exam, Grading, Patient, Screening, utcnow
+from ..outcome import attach_latest
 from ..pagination import page
-from ..ratelimit import limiter, upload_limit
+from ..ratelimit import limiter, regrade_limit, upload_limit
 from ..storage import get_storage, screening_key, sha256_hex
 from ..torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client
-from . import Blueprint
+from . import Blueprint, uploads
 from .patients import get_patient
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ blp = Blueprint("screenings", __name__, url_prefix="/api/v1/patients/<uuid:patie
                 description="Eye photographs and their gradings")
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
+IDEMPOTENCY_HEADER = {"in": "header", "name": "Idempotency-Key", "required": False,
+                      "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+                      "description": "a retry with the same key returns the first result"}
 
 
 def get_screening(patient_id, screening_id) -> Screening:
@@ -53,7 +57,7 @@ def _location(s: Screening) -> str:
     return f"/api/v1/patients/{s.patient_id}/screenings/{s.id}"
 
 
-def _answer(screening: Screening, replayed: bool = False):
+def answer(screening: Screening, replayed: bool = False):
     headers = {"Location": _location(screening)}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -71,9 +75,14 @@ def _read_upload(upload) -> bytes:
     return data
 
 
-def _fingerprint(patient_id, form: dict, sha256: str) -> str:
+def _fingerprint(patient_id, form: dict, sha256: str, exam_id) -> str:
     captured = form.get("captured_at")
     parts = [str(patient_id), form["eye"], captured.isoformat() if captured else None, form.get("camera"), sha256]
+    # Appended only when used, so uploads made before exams existed still replay.
+    if exam_id is not None:
+        parts += ["exam", str(exam_id)]
+    if form.get("field", "other") != "other":
+        parts += ["field", form["field"]]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -87,11 +96,14 @@ def _previous(idempotency_key: str, fingerprint: str) -> Screening | None:
     return earlier
 
 
-def _discard(screening: Screening) -> None:
-    """Remove a screening that must not stay (its upload failed after the row was written)."""
+def _discard(screening: Screening, new_exam: Exam | None) -> None:
+    """Remove a screening that must not stay (its upload failed after the row was written),
+    and the exam it opened, if it opened one."""
     with db.atomic():
         Grading.delete().where(Grading.screening == screening.id).execute()
         Screening.delete().where(Screening.id == screening.id).execute()
+        if new_exam is not None:
+            Exam.delete().where(Exam.id == new_exam.id).execute()
     _delete_object(screening.image_key)
 
 
@@ -102,32 +114,31 @@ def _delete_object(key: str) -> None:
         log.error("could not delete object", extra={"key": key, "error_type": type(exc).__name__})
 
 
-@blp.route("", methods=["POST"])
-@roles(*CLINICAL)
-@audited("screening.create", "screening")
-@limiter.limit(upload_limit)
-@blp.arguments(schemas.ScreeningUpload, location="multipart")
-@blp.response(201, schemas.Screening, description="Stored and graded (or found ungradable)")
-@blp.alt_response(202, schema=schemas.Screening, description="Stored; grading pending (Retry-After)")
-@blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "required": False,
-                      "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
-                      "description": "a retry with the same key returns the first result"}])
-def create_screening(form, patient_id):
-    patient = get_patient(patient_id)
+def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
+    """Store, record and grade one photograph: the one upload path of both upload routes.
+
+    `exam` None opens an exam of its own for it (in the same transaction as the row). Returns
+    (screening, replayed). Whatever fails, nothing half-written stays behind (module docstring).
+    """
     idempotency_key = request.headers.get("Idempotency-Key")
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
         raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters.")
     data = _read_upload(form["image"])
     info = images.inspect(data)
     sha256 = sha256_hex(data)
-    fingerprint = _fingerprint(patient.id, form, sha256)
+    fingerprint = _fingerprint(patient.id, form, sha256, exam.id if exam else None)
     if idempotency_key and (earlier := _previous(idempotency_key, fingerprint)):
         target(resource_id=earlier.id)
-        return _answer(earlier, replayed=True)
+        return earlier, True
 
+    new_exam = None
+    if exam is None:
+        new_exam = exam = Exam(id=uuid.uuid4(), patient=patient, performed_at=form.get("captured_at") or utcnow(),
+                               created_by=g.api_key.id)
     screening_id = uuid.uuid4()
     screening = Screening(
-        id=screening_id, patient=patient, eye=form["eye"], captured_at=form.get("captured_at"),
+        id=screening_id, patient=patient, exam=exam, eye=form["eye"], field=form.get("field") or "other",
+        captured_at=form.get("captured_at"),
         camera=form.get("camera"), image_key=screening_key(screening_id), image_size=len(data),
         image_sha256=sha256, content_type=info.content_type, status="pending",
         created_by=g.api_key.id, idempotency_key=idempotency_key, request_fingerprint=fingerprint,
@@ -137,6 +148,8 @@ def create_screening(form, patient_id):
         storage.put(screening.image_key, data, content_type=info.content_type, sha256=sha256)
     try:
         with db.atomic():
+            if new_exam is not None:
+                new_exam.save(force_insert=True)
             screening.save(force_insert=True)
     except peewee.IntegrityError:
         # Two requests with one Idempotency-Key raced; the other one's row won.
@@ -145,13 +158,14 @@ def create_screening(form, patient_id):
         if earlier is None:
             raise
         target(resource_id=earlier.id)
-        return _answer(earlier, replayed=True)
+        return earlier, True
     except BaseException:
         _delete_object(screening.image_key)
         raise
     target(resource_id=screening.id)
     log.info("screening stored", extra={"screening_id": str(screening.id), "patient_id": str(patient.id),
-                                        "bytes": len(data), "content_type": info.content_type})
+                                        "exam_id": str(exam.id), "bytes": len(data),
+                                        "content_type": info.content_type})
 
     try:
         grade(get_client(), screening, data)
@@ -160,16 +174,48 @@ def create_screening(form, patient_id):
         try:
             images.verify_decodable(data, info)
         except ApiError:
-            _discard(screening)
+            _discard(screening, new_exam)
             raise
-        release(screening)
+        if getattr(exc, "reached", False):
+            failed_attempt(screening)  # TorchServe took it and did not grade it: counted
+        else:
+            release(screening)
         metrics.SCREENINGS.labels("pending").inc()
         log.warning("grading deferred", extra={"screening_id": str(screening.id), "reason": str(exc)})
     except ImageRejected as exc:
-        _discard(screening)
+        _discard(screening, new_exam)
         metrics.SCREENINGS.labels("rejected").inc()
         raise ApiError(422, exc.code, exc.message) from None
-    return _answer(screening)
+    return screening, False
+
+
+def _exam_in_form(patient: Patient, exam_id) -> Exam | None:
+    """The exam a photograph sent to the screenings route names, checked against the patient."""
+    if exam_id is None:
+        return None
+    exam = Exam.get_or_none(Exam.id == exam_id)
+    if exam is None:
+        raise ApiError(422, "exam_not_found", "No exam has the exam_id given.")
+    if exam.patient_id != patient.id:
+        raise ApiError(422, "exam_of_another_patient", "The exam_id given is an exam of another patient.")
+    return exam
+
+
+@blp.route("", methods=["POST"])
+@roles(*CLINICAL)
+@uploads
+@audited("screening.create", "screening")
+@limiter.limit(upload_limit)
+@blp.arguments(schemas.ScreeningUpload, location="multipart")
+@blp.response(201, schemas.Screening, description="Stored and graded (or found ungradable)")
+@blp.alt_response(202, schema=schemas.Screening, description="Stored; grading pending (Retry-After)")
+@blp.doc(parameters=[IDEMPOTENCY_HEADER])
+def create_screening(form, patient_id):
+    """Upload one photograph. Without `exam_id` it opens an exam of its own; the exams routes
+    (POST .../exams, then .../exams/{exam_id}/images) group a visit's photographs."""
+    patient = get_patient(patient_id)
+    exam = _exam_in_form(patient, form.get("exam_id"))
+    return answer(*upload_photograph(patient, form, exam))
 
 
 @blp.route("", methods=["GET"])
@@ -181,19 +227,8 @@ def list_screenings(args, patient_id):
     patient = get_patient(patient_id)
     rows, next_cursor = page(Screening.select().where(Screening.patient == patient),
                              (Screening.created_at, Screening.id), args.get("cursor"), args["limit"])
-    _attach_latest(rows)
+    attach_latest(rows)
     return {"items": rows, "next_cursor": next_cursor}
-
-
-def _attach_latest(screenings: list[Screening]) -> None:
-    """The latest grading of a whole page in one query, instead of one query per row."""
-    latest = {}
-    if screenings:
-        query = Grading.select().where(Grading.screening.in_([s.id for s in screenings]))
-        for grading in query.order_by(Grading.created_at, Grading.id):
-            latest[grading.screening_id] = grading
-    for s in screenings:
-        s._latest = latest.get(s.id)
 
 
 @blp.route("/<uuid:screening_id>", methods=["GET"])
@@ -223,9 +258,26 @@ def read_image(patient_id, screening_id):
         "X-Content-SHA256": screening.image_sha256})
 
 
+@blp.route("/<uuid:screening_id>/explanation", methods=["GET"])
+@roles(*CLINICAL)
+@audited("screening.explanation.read", "screening")
+@blp.response(200, content_type="image/png", description="Grad-CAM overlay on the photograph, with a colour scale")
+@blp.alt_response(409, schema=schemas.Error, description="Not graded yet, or its model version is gone")
+@blp.alt_response(422, schema=schemas.Error, description="Ungradable: nothing to explain")
+@blp.alt_response(503, schema=schemas.Error, description="The model server is unavailable (Retry-After)")
+def read_explanation(patient_id, screening_id):
+    """Where the model looked for the grade of this photograph: the whole photograph (longer
+    side at most 1024 px, its own aspect) with the Grad-CAM map of the grading's model version
+    over the retina, and a low-to-high colour scale under it."""
+    png = explanation.for_screening(get_screening(patient_id, screening_id))
+    return Response(png, mimetype="image/png",
+                    headers={"Content-Disposition": f'inline; filename="{screening_id}-gradcam.png"'})
+
+
 @blp.route("/<uuid:screening_id>/grade", methods=["POST"])
 @roles(*CLINICAL)
 @audited("screening.grade", "screening")
+@limiter.limit(regrade_limit)
 @blp.arguments(schemas.GradeRequest, required=False)
 @blp.response(201, schemas.Screening)
 def regrade(args, patient_id, screening_id):

@@ -156,7 +156,7 @@ def test_pending_while_torchserve_is_stopped_then_graded(live_api, api_env, mode
         sid = pending.json()["id"]
         retry = post_image(api, clinician, pid, photo, "left", **{"Idempotency-Key": "while-down"})
         assert retry.status_code == 202 and retry.json()["id"] == sid
-        ready = requests.get(f"{api.url}/readyz", timeout=10)
+        ready = requests.get(f"{api.url}/api/v1/readiness", headers=new_key(env, "admin"), timeout=10)
         assert ready.status_code == 503 and ready.json()["checks"]["torchserve"]["ok"] is False
         assert flask_cli(env, "grade-pending").returncode == 1  # still down: stays pending
 

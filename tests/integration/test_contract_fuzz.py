@@ -35,8 +35,10 @@ EXAMPLES = 15
 # one of these answers and no other (this replaces Schemathesis's positive_data_acceptance,
 # which expects every schema-valid request to succeed).
 BEYOND_THE_SCHEMA = {"invalid_cursor", "unsupported_media_type", "empty_image", "undecodable_image",
-                     "image_too_small", "image_too_large", "unknown_model_version"}
-FIELDS_BEYOND_THE_SCHEMA = {"birth_date", "captured_at", "_schema"}
+                     "image_too_small", "image_too_large", "unknown_model_version",
+                     # an exam_id in an upload form that names no exam, or another patient's
+                     "exam_not_found", "exam_of_another_patient"}
+FIELDS_BEYOND_THE_SCHEMA = {"birth_date", "captured_at", "performed_at", "_schema"}
 
 
 def rejected_only_beyond_the_schema(ctx, response, case):
@@ -58,7 +60,8 @@ def fuzz_stack(make_stack):
     patient = new_patient(stack, admin, "fuzz")
     screening = upload(stack, admin, patient, jpeg(seed=7))
     assert screening.status_code == 201, screening.text
-    return stack, admin, {"patient_id": patient, "screening_id": screening.json()["id"]}
+    return stack, admin, {"patient_id": patient, "screening_id": screening.json()["id"],
+                          "exam_id": screening.json()["exam_id"]}
 
 
 def runs(operation, real_ids: dict):

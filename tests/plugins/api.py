@@ -74,6 +74,16 @@ class FakeTorchServe:
                           timings_ms={"decode": 1.0, "preprocess": 1.0, "inference": 2.0})
         return answer
 
+    def explain(self, image: bytes, content_type: str, version: str | None = None) -> dict:
+        """predict() plus an explanation shaped like the handler's: a 4x4 map peaking top right
+        and the crop's box in the photograph."""
+        answer = self.predict(image, content_type, version)
+        answer["explanation"] = None if not answer["gradable"] else {
+            "method": "grad-cam", "target_grade": answer["grade"], "map_size": [4, 4],
+            "map": [[0, 0, 0.5, 1], [0, 0, 0.3, 0.5], [0, 0, 0, 0], [0, 0, 0, 0]],
+            "crop_box": [0.1, 0.0, 0.9, 1.0], "overlay_png_base64": ""}
+        return answer
+
     def models(self) -> list[ModelVersion]:
         if self.mode == "down":
             raise TorchServeUnavailable("TorchServe management API is unreachable")

@@ -193,6 +193,10 @@ class TcpProxy:
     - `cut_when(pattern)`: reset the next connection whose client sends bytes containing
       `pattern` (e.g. b'INSERT INTO "screening"'), before they reach the server: the database
       dies exactly at that statement.
+    - `truncate = n`: reset each connection once the server has sent n bytes on it (a body
+      cut off mid-way); `None` again to stop.
+    - `blackholed = True`: bytes are swallowed in both directions and nothing is answered or
+      reset, as when a network drops packets; new connections are accepted and hang too.
     """
 
     def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)):
@@ -203,6 +207,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._trigger: bytes | None = None
         self.cuts = 0
+        self.truncate: int | None = None  # reset a connection once the server sent this many bytes
+        self.blackholed = False  # swallow everything both ways, answer nothing, reset nothing
 
     def up(self) -> "TcpProxy":
         listener = socket.socket()
@@ -248,6 +254,7 @@ class TcpProxy:
 
     def _pump(self, client: socket.socket, server: socket.socket) -> None:
         tail = b""
+        sent = 0
         sockets = [client, server]
         try:
             while True:
@@ -256,6 +263,8 @@ class TcpProxy:
                     data = sock.recv(65536)
                     if not data:
                         raise ConnectionError
+                    if self.blackholed:
+                        continue
                     if sock is client:
                         trigger = self._trigger
                         if trigger and trigger in tail + data:
@@ -265,6 +274,11 @@ class TcpProxy:
                         tail = (tail + data)[-256:]
                         server.sendall(data)
                     else:
+                        if self.truncate is not None:
+                            sent += len(data)
+                            if sent > self.truncate:
+                                client.sendall(data[:max(0, len(data) - (sent - self.truncate))])
+                                raise ConnectionError
                         client.sendall(data)
         except (OSError, ValueError, ConnectionError):
             self._reset(client, server)

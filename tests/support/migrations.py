@@ -2,6 +2,8 @@
 (shared by the SQLite unit test and the PostgreSQL integration tests)."""
 from datetime import date, datetime
 
+from peewee import SqliteDatabase
+
 from control_api import migrations
 from control_api.models import MODELS
 
@@ -20,7 +22,10 @@ def fill_v1(database):
     v1["AuditEvent"].create(actor_key_id=key.id, actor_prefix=key.prefix, action="patient.read",
                             resource_type="patient", resource_id=patient.id, patient_id=patient.id,
                             request_id="r1", outcome="success")
-    return {"key": key.id, "patient": patient.id, "screening": screening.id, "grading": grading.id}
+    uploaded = v1["Screening"].create(patient=patient, eye="right", image_key="screenings/old2", image_size=3,
+                                      image_sha256="b" * 64, content_type="image/png", status="ungradable")
+    return {"key": key.id, "patient": patient.id, "screening": screening.id, "grading": grading.id,
+            "uploaded": uploaded.id, "uploaded_at": uploaded.created_at}
 
 
 def check_upgrade(database):
@@ -30,7 +35,7 @@ def check_upgrade(database):
     assert migrations.migrate(database) == list(range(2, migrations.LATEST + 1))
     assert migrations.current_version(database) == migrations.LATEST
 
-    from control_api.models import ApiKey, AuditEvent, Grading, Patient, Screening
+    from control_api.models import ApiKey, AuditEvent, Exam, Grading, Patient, Screening
 
     with database.bind_ctx(MODELS):
         patient = Patient.get_by_id(ids["patient"])
@@ -43,6 +48,14 @@ def check_upgrade(database):
         assert grading.timings is None
         assert ApiKey.get_by_id(ids["key"]).label == "old"
         assert AuditEvent.select().count() == 1
+        # v4: each older photograph got an exam of its own, dated when it was taken (else uploaded).
+        assert Exam.select().count() == 2
+        exam = screening.exam
+        assert exam.patient_id == ids["patient"] and exam.performed_at == datetime(2020, 1, 1, 8, 0)
+        assert exam.accession_number is None and screening.field == "other"
+        uploaded = Screening.get_by_id(ids["uploaded"])
+        assert uploaded.exam_id != exam.id and uploaded.exam.performed_at == ids["uploaded_at"]
+        assert [s.id for s in exam.images] == [screening.id]
         # The new columns work.
         screening.idempotency_key, screening.created_by = "k", ids["key"]
         screening.save()
@@ -67,6 +80,11 @@ def check_schema_matches_models(database):
         table = model._meta.table_name
         columns = {c.name for c in database.get_columns(table)}
         assert columns == {f.column_name for f in model._meta.sorted_fields}, table
+    exam_indexes = {i.name: i for i in database.get_indexes("exam")}
+    assert exam_indexes["exam_idempotency"].unique
+    assert exam_indexes["exam_patient_performed"].columns[:2] == ["patient_id", "performed_at"]
+    if not isinstance(database, SqliteDatabase):  # see upgrade_v3_to_v4
+        assert not next(c for c in database.get_columns("screening") if c.name == "exam_id").null
     indexes = {i.name: i for i in database.get_indexes("screening")}
     assert indexes["screening_idempotency"].unique
     assert indexes["screening_patient_created"].columns[:2] == ["patient_id", "created_at"]

@@ -4,6 +4,7 @@ import os
 import time
 from datetime import timedelta
 
+from control_api import migrations
 from control_api.models import Grading, Screening, utcnow
 from tests.plugins.api import image_bytes, upload
 
@@ -107,7 +108,5 @@ def test_migrate_reports_versions(api_settings, fake_torchserve):
 
     app = create_app(api_settings, torchserve=fake_torchserve)
     runner = app.test_cli_runner()
-    from control_api.migrations import LATEST
-
-    assert f"upgraded from version 0 to {LATEST}" in runner.invoke(args=["init-db"]).output
-    assert f"up to date (version {LATEST})" in runner.invoke(args=["migrate"]).output
+    assert f"upgraded from version 0 to {migrations.LATEST}" in runner.invoke(args=["init-db"]).output
+    assert f"up to date (version {migrations.LATEST})" in runner.invoke(args=["migrate"]).output

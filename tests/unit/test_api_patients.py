@@ -140,35 +140,36 @@ def _summary(client, headers, patient_id):
 
 
 def test_summary_outcomes(client, clinician, patient, fake_torchserve):
+    """The summary is the latest exam's outcome (control_api/outcome.py has the rules)."""
     pid = patient["id"]
     summary = _summary(client, clinician, pid)
     assert summary["outcome"] == "retake" and summary["eyes"] == {"left": None, "right": None}
-    assert summary["disclaimer"] is None
+    assert summary["disclaimer"] is None and summary["exam_id"] is None
 
     fake_torchserve.grade = 0
-    upload(client, clinician, pid, image_bytes(), eye="left")
+    first = upload(client, clinician, pid, image_bytes(), eye="left").json  # opens an exam of its own
     assert _summary(client, clinician, pid)["outcome"] == "retake"  # right eye missing
 
-    upload(client, clinician, pid, image_bytes(color=(1, 2, 3)), eye="right")
+    upload(client, clinician, pid, image_bytes(color=(1, 2, 3)), eye="right", exam_id=first["exam_id"])
     summary = _summary(client, clinician, pid)
-    assert summary["outcome"] == "rescreen_12_months"
+    assert summary["outcome"] == "rescreen_12_months" and summary["exam_id"] == first["exam_id"]
     assert "12 months" in summary["message"]
     assert summary["eyes"]["right"]["grade"] == 0 and summary["eyes"]["right"]["referable"] is False
     assert "synthetic" in summary["disclaimer"] and summary["eyes"]["left"]["disclaimer"]
 
-    fake_torchserve.mode = "ungradable"
-    upload(client, clinician, pid, image_bytes(color=(3, 2, 1)), eye="right")
+    fake_torchserve.mode = "ungradable"  # a later visit replaces the earlier one in the summary
+    second = upload(client, clinician, pid, image_bytes(color=(3, 2, 1)), eye="right").json
     summary = _summary(client, clinician, pid)
-    assert summary["outcome"] == "retake"
-    assert summary["eyes"]["right"]["gradable"] is False
+    assert summary["outcome"] == "retake" and summary["exam_id"] == second["exam_id"]
+    assert summary["eyes"]["right"]["gradable"] is False and summary["eyes"]["left"] is None
     assert summary["eyes"]["right"]["quality"]["reasons"][0]["code"] == "too_dark"
 
     fake_torchserve.mode = "down"
-    upload(client, clinician, pid, image_bytes(color=(9, 9, 9)), eye="right")
+    upload(client, clinician, pid, image_bytes(color=(9, 9, 9)), eye="right", exam_id=second["exam_id"])
     assert _summary(client, clinician, pid)["outcome"] == "pending"
 
     fake_torchserve.mode, fake_torchserve.grade = "grade", 3
-    upload(client, clinician, pid, image_bytes(color=(7, 7, 7)), eye="left")
+    upload(client, clinician, pid, image_bytes(color=(7, 7, 7)), eye="left", exam_id=second["exam_id"])
     summary = _summary(client, clinician, pid)
-    assert summary["outcome"] == "refer"  # referable beats pending and missing
+    assert summary["outcome"] == "refer"  # referable beats pending and ungradable
     assert summary["eyes"]["left"]["label"] == "Severe NPDR"

@@ -103,8 +103,17 @@ def test_unknown_version_is_its_own_error(stub, kind):
         client_for(stub.url).predict(b"x", "image/jpeg", version="9")
 
 
+def test_a_per_request_handler_failure_is_a_rejection(stub):
+    """Our handler's per-request 500 (the rest of its batch was answered): the image, not the
+    server; kept pending it stopped grade-pending at it for ever (issue 15, finding 4)."""
+    stub.answer = (500, {"code": "preprocess_failed", "message": "boom"}, 0)
+    with pytest.raises(ImageRejected) as caught:
+        client_for(stub.url).predict(b"x", "image/jpeg")
+    assert (caught.value.status, caught.value.code) == (500, "preprocess_failed")
+
+
 @pytest.mark.parametrize("status, body", [(503, {"code": 503, "type": "ServiceUnavailableException"}),
-                                          (500, {"code": "preprocess_failed", "message": "boom"}),
+                                          (500, {"code": 500, "type": "InternalServerException"}),
                                           (200, b"<html>not json</html>"), (507, b"")])
 def test_server_trouble_is_unavailable(stub, status, body):
     stub.answer = (status, body, 0)

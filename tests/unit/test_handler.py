@@ -176,6 +176,11 @@ def test_explanations_and_predictions_share_a_batch(handler, model_dir, inputs):
     assert 1 <= h <= size and 1 <= w <= size
     png = Image.open(io.BytesIO(base64.b64decode(exp["overlay_png_base64"])))
     assert png.format == "PNG" and png.size == (size, size)
+    # the raw map at the layer's resolution, and the crop's place in the photograph
+    assert len(exp["map"]) == h and all(len(line) == w for line in exp["map"])
+    assert all(0 <= v <= 1 for line in exp["map"] for v in line)
+    left, top, right, bottom = exp["crop_box"]
+    assert left < right and top < bottom and -0.5 < left < 1 and 0 < right < 1.5
     assert answers[2]["gradable"] is False and answers[2]["explanation"] is None
     assert ctx.get_response_status(3)[0] == 415
     assert not any(p.grad is not None for p in handler.model.parameters())
