@@ -294,3 +294,23 @@ def test_grade_pending_offers_to_shadow_too(app, client, clinician, admin, patie
     with app.app_context():
         assert [r.model_version for r in ShadowGrading.select()] == ["2.0"]
         assert [g.model_version for g in Grading.select()] == ["1.0"]
+
+
+def test_exams_report_and_fhir_never_show_the_shadow_version(app, client, clinician, admin, patient,
+                                                             fake_torchserve):
+    from tests.unit.test_exams_api import add, new_exam, read
+
+    pid = patient["id"]
+    fake_torchserve.version_grades["2.0"] = 4  # the candidate would refer
+    assert client.put(SHADOW, headers=admin, json={"version": "2.0"}).status_code == 200
+    exam = new_exam(client, clinician, pid)["id"]
+    for eye in ("left", "right"):
+        assert add(client, clinician, pid, exam, eye=eye).status_code == 201
+    drain(app)
+    with app.app_context():
+        assert ShadowGrading.select().count() == 2
+    body = read(client, clinician, pid, exam)
+    assert body["outcome"] == "rescreen_12_months" and body["model"]["version"] == "1.0"
+    assert {e["grade"] for e in body["eyes"].values()} == {1}
+    fhir = client.get(f"/api/v1/patients/{pid}/exams/{exam}/fhir", headers=clinician)
+    assert fhir.status_code == 200 and '"2.0"' not in fhir.get_data(as_text=True)
