@@ -82,6 +82,30 @@ class clinical_call:
                     pass
 
 
+# Requests that wait on TorchServe for a clinician: from the moment they arrive (storage and
+# database work first), not only during the call, so a shadow job never slips into the gap
+# between an upload's arrival and its prediction.
+CLINICAL_ENDPOINTS = frozenset({"screenings.create_screening", "exams.add_image", "screenings.regrade",
+                                "screenings.read_explanation", "exams.read_report"})
+
+
+def init_app(app) -> None:
+    from flask import g, request
+
+    def started():
+        if request.endpoint in CLINICAL_ENDPOINTS:
+            g.clinical_call = clinical_call()
+            g.clinical_call.__enter__()
+
+    def finished(exc):
+        call = g.pop("clinical_call", None)
+        if call is not None:
+            call.__exit__(None, None, None)
+
+    app.before_request(started)
+    app.teardown_request(finished)
+
+
 def marker_dir_for(database_url: str) -> str:
     """One directory per deployment on this host (its processes share a database URL)."""
     tag = hashlib.sha256(database_url.encode()).hexdigest()[:16]

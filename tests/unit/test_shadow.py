@@ -314,3 +314,17 @@ def test_exams_report_and_fhir_never_show_the_shadow_version(app, client, clinic
     assert {e["grade"] for e in body["eyes"].values()} == {1}
     fhir = client.get(f"/api/v1/patients/{pid}/exams/{exam}/fhir", headers=clinician)
     assert fhir.status_code == 200 and '"2.0"' not in fhir.get_data(as_text=True)
+
+
+def test_a_clinical_request_counts_from_its_arrival(app, client, clinician, patient, monkeypatch):
+    seen = []
+    original = shadow._in_flight
+    real_put = app.extensions["clarity"]["storage"].put
+
+    def put(*args, **kwargs):  # storage runs before the prediction: the request already counts
+        seen.append(shadow._in_flight)
+        return real_put(*args, **kwargs)
+
+    monkeypatch.setattr(app.extensions["clarity"]["storage"], "put", put)
+    assert upload(client, clinician, patient["id"], image_bytes()).status_code == 201
+    assert seen == [original + 1] and shadow._in_flight == original
