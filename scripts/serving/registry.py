@@ -89,6 +89,9 @@ class Management:
             r = self._send(method, path, **params)
         except requests.ConnectionError as exc:
             raise ModelsError(f"TorchServe management API not reachable at {self.url}: {exc}") from None
+        except requests.Timeout:
+            raise ModelsError(f"{method} {path}: TorchServe did not answer within {self.timeout:g}s "
+                              f"(busy? see its ts_log.log)") from None
         if r.status_code >= 400:
             try:
                 detail = r.json().get("message") or r.text
@@ -245,7 +248,10 @@ def register(api: Management, mar: str, *, model_store: Path, name: str | None =
         name, version = name or found[0], version or found[1]
     if workers is None and path is not None:
         workers = archive_workers(path) or default_workers()
-    params = {"url": mar if path is None else path.name, "synchronous": "true"}
+    # Not synchronous: TorchServe would hold the answer until every worker has started, which
+    # can take longer than any sensible HTTP timeout on a busy machine. Registration errors
+    # (a bad archive, a version already there) still come back at once; workers are polled below.
+    params = {"url": mar if path is None else path.name, "synchronous": "false"}
     if workers is not None:
         params["initial_workers"] = workers
     say(f"registering {name} {version}" + (f" with {workers} workers" if workers else ""))
