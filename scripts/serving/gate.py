@@ -113,6 +113,10 @@ def check(version: str, meta: dict | None, thresholds: Thresholds, shadow: dict 
                 verdict.failures.append(f"held-out {key} is missing from its card")
             elif value < minimum:
                 verdict.failures.append(f"held-out {key} {value:.3f} is below {minimum:.3f}")
+    predicted = ((meta or {}).get("held_out") or {}).get("predicted_counts") or []
+    if len([n for n in predicted if n]) == 1:
+        # Its kappa is 0 and the QWK threshold refuses it; say why in words.
+        verdict.notes.append("it predicted one and the same grade for every held-out image")
     if shadow:
         n = shadow.get("photographs")
         for key, minimum in (("grade_kappa", thresholds.min_shadow_kappa),

@@ -196,6 +196,10 @@ def test_gate_refuses_without_card_metrics_and_below_thresholds():
     shadow = {"photographs": 50, "grade_kappa": 0.9, "referable_agreement": 0.7, "baseline_version": "1.0"}
     verdict = gate.check("1.1", good, t, shadow, True)
     assert verdict.failures == ["shadow referable_agreement with 1.0 is 0.700 over 50 photographs, below 0.900"]
+    collapsed = {"held_out": {"quadratic_kappa": {"value": 0.0}, "referable_sensitivity": {"value": 0.0},
+                              "predicted_counts": [40, 0, 0, 0, 0]}}
+    verdict = gate.check("1.1", collapsed, t, None, True)
+    assert not verdict.passed and "one and the same grade" in verdict.notes[0]
     assert gate.Thresholds.from_env({"PROMOTE_MIN_QWK": "0.3"}, min_shadow_kappa=0.1) == \
         gate.Thresholds(min_qwk=0.3, min_shadow_kappa=0.1)
 
