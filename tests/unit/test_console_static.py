@@ -89,7 +89,11 @@ def test_image_read_can_skip_the_redirect(api_settings, tmp_path, fake_torchserv
     assert client.get(url + "?redirect=maybe", headers=headers).status_code in (400, 422)
 
 
-def test_make_run_banner_names_the_console():
+def test_make_run_banner_names_the_console(tmp_path):
+    from scripts.serving.processes import DicomReceiver
     from scripts.serving.stack import _banner
 
-    assert "http://127.0.0.1:8000/console/" in _banner("http://127.0.0.1:8000", {})
+    dicom = DicomReceiver(tmp_path, {}, port=11112, health_port=11113)  # built, never started
+    banner = _banner("http://127.0.0.1:8000", {}, dicom)
+    assert "http://127.0.0.1:8000/console/" in banner
+    assert "127.0.0.1:11112" in banner
