@@ -174,7 +174,7 @@ class DRHandler(BaseHandler):
         self._count("DRImagesRejected", idx, Code=code)
         return {"code": code, "message": message}
 
-    # Metrics: each name is declared in metrics.yaml with these dimensions, in this order,
+    # Metrics: each name is declared in torchserve-metrics.yaml with these dimensions, in this order,
     # followed by the ModelName and Level that TorchServe appends.
     def _count(self, name: str, idx: int, **dimension) -> None:
         self._metric(name, 1, "count", idx, MetricTypes.COUNTER, dimension)

@@ -10,7 +10,7 @@ set -eu
 : "${TS_CONFIG_FILE:=/home/model-server/config.properties}"
 : "${MODEL_PATH:=/home/model-server/model-store}"
 : "${BAKED_MODELS:=/home/model-server/baked}"
-: "${SERVE_LOG_CONFIG:=/home/model-server/log4j2.xml}"
+: "${SERVE_LOG_CONFIG:=/home/model-server/torchserve-log4j2.xml}"
 : "${TEMP:=/tmp}"
 export TS_CONFIG_FILE TEMP
 # Which archives to register at start, as TorchServe's --models takes them (NAME=FILE ...).

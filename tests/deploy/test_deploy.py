@@ -93,7 +93,7 @@ def repo_ts_config() -> dict[str, str]:
 def container_ts_config() -> dict[str, str]:
     """What Dockerfile.serve writes: config.properties, a newline, then the container overrides."""
     return parse_properties(require(REPO / "config.properties", "the model-serving part").read_text() + "\n"
-                            + (DEPLOY / "torchserve" / "container.properties").read_text())
+                            + (REPO / "torchserve-container.properties").read_text())
 
 
 def ts_ports(config: dict[str, str]) -> dict[str, int]:
@@ -605,7 +605,7 @@ def test_serve_image_torchserve_config(serve_df, repo_ts_config, compose, defaul
     assert store in {m["containerPath"] for m in c["mountPoints"]}, "ECS: the store is a writable volume too"
     volumes = " ".join(i.args for i in serve_df.of("VOLUME", serve_df.final_stage))
     assert store in volumes and "/tmp" in volumes
-    assert copied_to(serve_df, "metrics.yaml") == cfg["metrics_config"]
+    assert copied_to(serve_df, "torchserve-metrics.yaml") == cfg["metrics_config"]
     allowed = re.compile(cfg["allowed_urls"])
     assert allowed.fullmatch(f"file://{store}/dr_1.1.mar")
     for url in ("http://169.254.169.254/latest/x.mar", "file:///etc/passwd", f"file://{store}/../x.mar",

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_entrypoint_serves_the_model_and_stops_cleanly_on_sigterm(tmp_path, model_store):
-    """entrypoint.sh + the container config + log4j2.xml with a real TorchServe: the empty store
+    """entrypoint.sh + the container config + torchserve-log4j2.xml with a real TorchServe: the empty store
     is seeded with the baked archive, the model gets a READY worker, SIGTERM stops everything.
 
     Only the image's absolute paths and the bind addresses differ (loopback ports through
@@ -28,13 +28,13 @@ def test_entrypoint_serves_the_model_and_stops_cleanly_on_sigterm(tmp_path, mode
     shutil.copy(model_store / "dr_1.0.mar", baked / "dr_1.0.mar")
     config = tmp_path / "config.properties"
     config.write_text((REPO / "config.properties").read_text() + "\n"
-                      + (DEPLOY / "torchserve" / "container.properties").read_text())
+                      + (REPO / "torchserve-container.properties").read_text())
     ports = {kind: free_port() for kind in ("INFERENCE", "MANAGEMENT", "METRICS")}
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "TS_CONFIG_FILE": str(config), "MODEL_PATH": str(store), "BAKED_MODELS": str(baked),
            "MODEL_VERSION": "1.0",
-           "SERVE_LOG_CONFIG": str(DEPLOY / "torchserve" / "log4j2.xml"), "TEMP": str(tmp_path / "tmp"),
-           "TS_METRICS_CONFIG": str(REPO / "metrics.yaml"), "DR_TORCH_THREADS": "1",
+           "SERVE_LOG_CONFIG": str(REPO / "torchserve-log4j2.xml"), "TEMP": str(tmp_path / "tmp"),
+           "TS_METRICS_CONFIG": str(REPO / "torchserve-metrics.yaml"), "DR_TORCH_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            **{f"TS_{k}_ADDRESS": f"http://127.0.0.1:{p}" for k, p in ports.items()},
            # gRPC (always on in 0.12, loopback in the config): free ports, so parallel servers never clash.

@@ -45,7 +45,7 @@ def torchserve(tmp_path_factory, model_store):
       waits up to 100 ms for company.
     - Loopback ports from free_port(): use `.inference_url`, `.management_url`, `.metrics_url`.
       Token authorization off, model API on, registration limited to archives in the store,
-      metrics in Prometheus format with the DR metrics of metrics.yaml.
+      metrics in Prometheus format with the DR metrics of torchserve-metrics.yaml.
     - One torch thread per worker (DR_TORCH_THREADS=1).
     Tests that register, promote or scale must put things back as they found them (version
     1.0 default, 2.0 unregistered, one worker) since later tests share this server.

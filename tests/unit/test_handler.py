@@ -1,5 +1,5 @@
 """The DR handler without TorchServe: TorchServe's own Context and RequestProcessor, a model dir
-unpacked from a real archive, and a metrics cache that insists on metrics.yaml's declarations."""
+unpacked from a real archive, and a metrics cache that insists on torchserve-metrics.yaml's declarations."""
 from __future__ import annotations
 
 import base64
@@ -24,11 +24,11 @@ CONTRACT_KEYS = {"grade", "label", "probabilities", "referable", "referable_thre
 
 
 class DeclaredMetrics(MetricsCacheYamlImpl):
-    """TorchServe's metric cache over our metrics.yaml; records every update and refuses metrics
+    """TorchServe's metric cache over our torchserve-metrics.yaml; records every update and refuses metrics
     that are not declared there with exactly the dimensions sent (those never reach /metrics)."""
 
     def __init__(self):
-        super().__init__(str(REPO / "metrics.yaml"))
+        super().__init__(str(REPO / "torchserve-metrics.yaml"))
         self.initialize_cache()
         self.model_name = "dr"
         self.updates: list[tuple[str, float, dict]] = []

@@ -51,7 +51,7 @@ class TorchServe(Process):
             # Registration may name archives in this store only (no remote URLs: the ShellTorch class).
             "allowed_urls": f"file://{self.model_store}/.*",
         })
-        # Relative paths in the repo's config (metrics.yaml) are relative to the repo root.
+        # Relative paths in the repo's config (torchserve-metrics.yaml) are relative to the repo root.
         if "metrics_config" in props and not os.path.isabs(props["metrics_config"]):
             props["metrics_config"] = str(self.base_config.parent / props["metrics_config"])
         props.update({k: str(v) for k, v in self.overrides.items()})
