@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from peewee import (AutoField, BigAutoField, BooleanField, CharField, DateField, DateTimeField,
+from peewee import (AutoField, BigAutoField, BooleanField, CharField, DateField, DateTimeField, FloatField,
                     ForeignKeyField, IntegerField, JSONField, Model, TextField, UUIDField)
 
 from .db import db
@@ -180,6 +180,49 @@ class DicomReport(BaseModel):
         table_name = "dicom_report"
 
 
+class ShadowSetting(BaseModel):
+    """A candidate model version put in shadow by an admin (schema v6). The row whose
+    `stopped_at` is null is the active one; earlier rows are the record of past trials."""
+
+    id = AutoField()
+    model_name = CharField(max_length=100)
+    model_version = CharField(max_length=50)
+    sample_rate = FloatField(default=1.0)  # share of new photographs it grades, 0 < rate <= 1
+    started_at = DateTimeField(default=utcnow)
+    started_by = ForeignKeyField(ApiKey, null=True, on_delete="SET NULL")
+    stopped_at = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "shadow_setting"
+
+
+class ShadowGrading(BaseModel):
+    """A candidate version's answer on a photograph, kept apart from Grading on purpose: every
+    clinical read (latest result, history, summary, reports, exports) reads Grading only, so
+    nothing here can reach a clinician. `baseline` is the clinical grading it is compared with.
+    `source` is "shadow" (graded in the background after an upload) or "regrade" (an admin
+    re-graded with a named version)."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    screening = ForeignKeyField(Screening, backref="shadow_gradings", on_delete="CASCADE")
+    baseline = ForeignKeyField(Grading, null=True, backref="shadow_gradings", on_delete="SET NULL")
+    source = CharField(max_length=16, default="shadow")
+    model_name = CharField(max_length=100)
+    model_version = CharField(max_length=50, index=True)
+    gradable = BooleanField()
+    grade = IntegerField(null=True)
+    label = CharField(max_length=100, null=True)
+    probabilities = JSONField(null=True)
+    referable = BooleanField(null=True)
+    referable_threshold = IntegerField(null=True)
+    quality = JSONField()
+    timings = JSONField(null=True)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "shadow_grading"
+
+
 class SchemaVersion(BaseModel):
     id = AutoField()
     version = IntegerField()
@@ -189,4 +232,5 @@ class SchemaVersion(BaseModel):
         table_name = "schema_version"
 
 
-MODELS = (ApiKey, Patient, Exam, Screening, Grading, AuditEvent, DicomInstance, DicomReport, SchemaVersion)
+MODELS = (ApiKey, Patient, Exam, Screening, Grading, AuditEvent, DicomInstance, DicomReport, SchemaVersion,
+          ShadowSetting, ShadowGrading)
