@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from flask import current_app, g
 
-from .. import agreement, schemas
+from .. import agreement
+from .. import shadow_schemas as schemas
 from ..audit import audited, target
 from ..auth import ADMIN, roles
 from ..db import db

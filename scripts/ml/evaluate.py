@@ -265,11 +265,7 @@ def evaluate(checkpoint: Path, data_dir: Path, out: Path, csv_path: Path | None 
         "operating_point": op,
         "confusion_matrix": {"labels": GRADE_LABELS, "rows_true_cols_predicted": cm.tolist()},
         "predicted_counts": cm.sum(axis=0).tolist(),
-        "referable_definitions": {
-            "referable_sensitivity/specificity": REFERABLE_BY_GRADE.format(ref=ref),
-            "operating_point": REFERABLE_BY_PROBABILITY.format(ref=ref, threshold=op["threshold"],
-                                                               target=op["target_sensitivity"],
-                                                               chosen_on=op["chosen_on"])},
+        "referable_definitions": referable_definitions(ref, op),
         "bootstrap": {"resamples": n_boot, "seed": seed, "level": CI_LEVEL, "method": "percentile"},
         "note": ("Synthetic images: these numbers describe the synthetic task only and say nothing about "
                  "clinical accuracy." if synthetic else "Held-out evaluation; not a clinical validation."),
@@ -294,9 +290,18 @@ REFERABLE_BY_PROBABILITY = ("referable = P(grade >= {ref}) >= {threshold:.4f}, a
                             "{target:.0%} sensitivity chosen on {chosen_on} (NOT used in serving)")
 
 
+def referable_definitions(ref: int, op: dict) -> dict:
+    """The two referable definitions, named: by predicted grade (served) and by a probability threshold."""
+    return {"referable_sensitivity/specificity": REFERABLE_BY_GRADE.format(ref=ref),
+            "operating_point": REFERABLE_BY_PROBABILITY.format(ref=ref, threshold=op["threshold"],
+                                                               target=op["target_sensitivity"],
+                                                               chosen_on=op["chosen_on"])}
+
+
 def text_summary(result: dict) -> str:
     """What evaluate prints: the two referable definitions named, never two bare pairs."""
     m, op, ref = result["metrics"], result["operating_point"], result["referable_threshold"]
+    definitions = referable_definitions(ref, op)
 
     def line(label, metric):
         v, ci = metric["value"], metric["ci95"]
@@ -306,11 +311,10 @@ def text_summary(result: dict) -> str:
     out = [f"held-out: {d['n']} images of {d['name']} ({d['images']})"
            + (" - synthetic" if d.get("synthetic") else ""),
            line("quadratic weighted kappa", m["quadratic_kappa"]), line("accuracy", m["accuracy"]),
-           REFERABLE_BY_GRADE.format(ref=ref) + ":",
+           definitions["referable_sensitivity/specificity"] + ":",
            line("sensitivity", m["referable_sensitivity"]), line("specificity", m["referable_specificity"]),
            f"P(grade >= {ref}) as a score:", line("AUC", m["referable_auc"]),
-           REFERABLE_BY_PROBABILITY.format(ref=ref, threshold=op["threshold"], target=op["target_sensitivity"],
-                                           chosen_on=op["chosen_on"]) + ":",
+           definitions["operating_point"] + ":",
            line("sensitivity", op["test_sensitivity"]), line("specificity", op["test_specificity"])]
     collapsed = len([c for c in result["predicted_counts"] if c]) == 1 if "predicted_counts" in result else False
     if collapsed:
