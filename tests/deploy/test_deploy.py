@@ -587,7 +587,7 @@ def test_serve_image_builds_the_demo_archive_with_the_archive_tool(serve_df):
 def test_serve_image_torchserve_config(serve_df, repo_ts_config, compose, default_settings):
     cfg = container_ts_config()
     runs = re.sub(r"\s+", " ", " ".join(i.args for i in serve_df.of("RUN", serve_df.final_stage)))
-    merge = (r"cat \S*/config\.properties; echo; cat \S*/container\.properties; \} "
+    merge = (r"cat \S*/config\.properties; echo; cat \S*/torchserve-container\.properties; \} "
              r"> /home/model-server/config\.properties")
     assert re.search(merge, runs), "the Dockerfile must merge the configs the way this test reads them"
     for kind, port in ts_ports(repo_ts_config).items():
