@@ -548,7 +548,7 @@ def test_api_image_installs_what_the_api_imports_and_no_torch(api_df):
 def test_serve_image_installs_what_the_handler_and_tools_import():
     req = requirement_names(DEPLOY / "requirements-serve.txt")
     files = [*(REPO / "handlers").glob("*.py"), DEPLOY / "healthcheck.py",
-             *(REPO / "scripts" / "serving" / name for name in ("management.py", "registry.py"))]
+             *(REPO / "scripts" / "serving" / name for name in ("management.py", "registry.py", "model_state.py", "gate.py"))]
     local = {"handlers", "scripts"} | {p.stem for p in (REPO / "handlers").glob("*.py")}  # the .mar's flat copies
     modules = third_party_imports(files, local=local)
     installed = installed_closure(req)

@@ -12,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from scripts.serving import management, registry as models
+from scripts.serving import management, model_state, registry as models
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +148,7 @@ def test_register_promote_rollback_unregister(torchserve, model_store, capsys):
         assert models.main(cli + ["promote", "dr", "2.0", "--force"]) == 1
         assert "--force needs --reason" in capsys.readouterr().err
         assert models.main(cli + ["promote", "dr", "2.0", "--force", "--reason", "test of the machinery"]) == 0
-        event = json.loads((model_store / models.PROMOTIONS_FILE).read_text().splitlines()[-1])
+        event = json.loads((model_store / model_state.PROMOTIONS_FILE).read_text().splitlines()[-1])
         assert event["forced"] and event["reason"] == "test of the machinery" and event["to"] == "2.0"
         assert event["gate"]["failures"]
         assert models.main(cli + ["serve-models", "dr"]) == 0
@@ -177,4 +177,4 @@ def test_register_promote_rollback_unregister(torchserve, model_store, capsys):
         if "2.0" in [v["version"] for v in models.versions(api, "dr")]:
             api.call("DELETE", "/models/dr/2.0")
         history.unlink(missing_ok=True)
-        (model_store / models.PROMOTIONS_FILE).unlink(missing_ok=True)
+        (model_store / model_state.PROMOTIONS_FILE).unlink(missing_ok=True)
