@@ -107,11 +107,10 @@ class Screening(BaseModel):
         return self._latest
 
 
-class Grading(BaseModel):
-    """One model run on one screening; re-grading adds a row, history is kept."""
+class ModelAnswer(BaseModel):
+    """The columns of one model answer, shared by Grading (clinical) and ShadowGrading (a
+    candidate's). Not a table of its own."""
 
-    id = UUIDField(primary_key=True, default=uuid.uuid4)
-    screening = ForeignKeyField(Screening, backref="gradings", on_delete="CASCADE")
     model_name = CharField(max_length=100)
     model_version = CharField(max_length=50)
     gradable = BooleanField()
@@ -121,6 +120,13 @@ class Grading(BaseModel):
     referable = BooleanField(null=True)
     referable_threshold = IntegerField(null=True)
     quality = JSONField()
+
+
+class Grading(ModelAnswer):
+    """One model run on one screening; re-grading adds a row, history is kept."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    screening = ForeignKeyField(Screening, backref="gradings", on_delete="CASCADE")
     synthetic_training_data = BooleanField(default=False)
     disclaimer = TextField(null=True)
     created_at = DateTimeField(default=utcnow)
@@ -196,7 +202,7 @@ class ShadowSetting(BaseModel):
         table_name = "shadow_setting"
 
 
-class ShadowGrading(BaseModel):
+class ShadowGrading(ModelAnswer):
     """A candidate version's answer on a photograph, kept apart from Grading on purpose: every
     clinical read (latest result, history, summary, reports, exports) reads Grading only, so
     nothing here can reach a clinician. `baseline` is the clinical grading it is compared with.
@@ -207,15 +213,7 @@ class ShadowGrading(BaseModel):
     screening = ForeignKeyField(Screening, backref="shadow_gradings", on_delete="CASCADE")
     baseline = ForeignKeyField(Grading, null=True, backref="shadow_gradings", on_delete="SET NULL")
     source = CharField(max_length=16, default="shadow")
-    model_name = CharField(max_length=100)
-    model_version = CharField(max_length=50, index=True)
-    gradable = BooleanField()
-    grade = IntegerField(null=True)
-    label = CharField(max_length=100, null=True)
-    probabilities = JSONField(null=True)
-    referable = BooleanField(null=True)
-    referable_threshold = IntegerField(null=True)
-    quality = JSONField()
+    model_version = CharField(max_length=50, index=True)  # the report selects by it
     timings = JSONField(null=True)
     created_at = DateTimeField(default=utcnow)
 
