@@ -29,7 +29,7 @@ import torch
 from handlers import engine as engines
 from handlers import fundus, quality
 from handlers.network import ARCHS, DRNet
-from scripts.files import sha256_file
+from handlers.checksum import sha256_file
 from scripts.ml.card import GENERAL_DISCLAIMER, SYNTHETIC_DISCLAIMER, archive_card
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from handlers import fundus, quality
 from scripts.ml import datasets
-from scripts.files import sha256_file
+from handlers.checksum import sha256_file
 from scripts.ml.train import GRADE_LABELS, load_checkpoint, predict, qwk, save_atomic
 
 CI_LEVEL = 0.95

@@ -23,7 +23,7 @@ def read_mar(path):
 
 def test_archive_holds_handler_modules_weights_meta_config_and_card(model_store):
     files = read_mar(model_store / "dr_1.0.mar")
-    assert {"dr_handler.py", "network.py", "fundus.py", "gradcam.py", "weights.pt", "model_meta.json",
+    assert {"dr_handler.py", "network.py", "fundus.py", "gradcam.py", "checksum.py", "weights.pt", "model_meta.json",
             "model-config.yaml", "MODEL_CARD.md", "MAR-INF/MANIFEST.json"} <= set(files)
     assert "__init__.py" not in files
     manifest = json.loads(files["MAR-INF/MANIFEST.json"])["model"]

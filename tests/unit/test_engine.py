@@ -10,6 +10,7 @@ import torch
 
 from handlers import dr_handler
 from handlers import engine as engines
+from handlers.checksum import sha256_file
 from handlers.network import DRNet
 from scripts.ml import archive
 from tests.unit.test_handler import make_context
@@ -40,7 +41,7 @@ def test_meta_selects_the_engine_and_checks_its_hash(tiny, tmp_path):
     model, path = tiny
     cpu = torch.device("cpu")
     assert engines.load({}, tmp_path, model, cpu, 1).name == "eager"
-    spec = {"name": "onnx", "file": path.name, "sha256": engines.sha256(path)}
+    spec = {"name": "onnx", "file": path.name, "sha256": sha256_file(path)}
     assert engines.load({"engine": spec}, path.parent, model, cpu, 1).name == "onnx"
     # Without onnxruntime-gpu (this machine), a GPU worker keeps the eager network.
     assert engines.load({"engine": spec}, path.parent, model, torch.device("cuda:0"), 1).name == "eager"
