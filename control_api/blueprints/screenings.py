@@ -27,14 +27,14 @@ from ..audit import audited, on_rollback, target
 from ..auth import ADMIN, CLINICAL, require_role, roles
 from ..db import db
 from ..errors import RETRY_AFTER_SECONDS, ApiError
-from ..grading import ask_early, failed_attempt, grade, model_input, release
+from ..grading import ask_early, failed_attempt, grade, release
 from ..models import DicomInstance, Exam, Grading, Patient, Screening, utcnow
 from ..outcome import attach_latest
 from ..pagination import page
 from ..ratelimit import limiter, regrade_limit, upload_limit
 from ..storage import get_storage, screening_key, sha256_hex
 from ..torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client
-from . import Blueprint, uploads
+from . import Blueprint, shadow, uploads
 from .patients import get_patient
 
 log = logging.getLogger(__name__)
@@ -383,20 +383,15 @@ def read_explanation(patient_id, screening_id):
 @blp.arguments(schemas.GradeRequest, required=False)
 @blp.response(201, schemas.Screening)
 def regrade(args, patient_id, screening_id):
-    """Grade again with the default model, or with a named version (admin only). The earlier
-    gradings stay in the history; a rejected image or unknown version changes nothing.
-    A named version is a trial: its answer is stored as a shadow grading (Location header,
-    GET /api/v1/models/shadow/gradings/{id}) and the screening's clinical result stays as it was."""
+    """Grade again (history kept); with model_version (admin), a trial kept as a shadow grading, never clinical."""
     version = args.get("model_version")
     if version:
         require_role(*ADMIN)
     screening = get_screening(patient_id, screening_id)
     data = get_storage().get(screening.image_key, sha256=screening.image_sha256)
     try:
-        if version:
-            shadow = current_app.extensions["clarity"]["shadow"]
-            trial = shadow.trial(screening, model_input(screening, data), version)
-            return screening, 201, {"Location": f"/api/v1/models/shadow/gradings/{trial.id}"}
+        if version:  # a rejected image or unknown version changes nothing, as below
+            return screening, 201, shadow.trial(screening, data, version)
         grade(get_client(), screening, data, offer_shadow=False)
     except UnknownModelVersion:
         raise ApiError(422, "unknown_model_version", "No model version of that name is registered.") from None

@@ -10,6 +10,7 @@ from ..audit import audited, target
 from ..auth import ADMIN, roles
 from ..db import db
 from ..errors import ApiError
+from ..grading import model_input
 from ..models import ShadowGrading, ShadowSetting, utcnow
 from ..shadow import active_setting
 from ..torchserve import UnknownModelVersion, get_client
@@ -21,6 +22,15 @@ blp = Blueprint("shadow", __name__, url_prefix="/api/v1/models/shadow",
 
 def get_shadow():
     return current_app.extensions["clarity"]["shadow"]
+
+
+def trial(screening, stored: bytes, version: str) -> dict:
+    """A re-grade with a named version (POST .../screenings/{id}/grade, admin): the version grades
+    the stored photograph and its answer is kept as a shadow grading; the screening's clinical
+    result stays as it was. The 201's headers: Location of that shadow grading. TorchServe's
+    exceptions pass through with nothing written."""
+    row = get_shadow().trial(screening, model_input(screening, stored), version)
+    return {"Location": f"/api/v1/models/shadow/gradings/{row.id}"}
 
 
 def _status() -> dict:
