@@ -92,7 +92,7 @@ def float32_state_dict(ck: dict) -> tuple[dict, int]:
 def calibration_batches(folder: Path, ck: dict, limit: int = 64, batch: int = 8) -> list:
     """Preprocessed gradable crops of up to `limit` images in `folder`, in batches, for int8 ranges."""
     cfg = fundus.PreprocessConfig.from_dict(ck["preprocess"])
-    thresholds = fundus.QualityThresholds.from_dict(ck["quality"])
+    thresholds = quality.QualityThresholds.from_dict(ck["quality"])
     tensors = []
     for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
         try:
