@@ -270,7 +270,7 @@ def cpu_table(rows: list) -> list[str]:
     lines = ["## CPU per request, by process group (ms, median over rounds)", "",
              "From the end of each cell's warm-up to its last answer, CPU (user + system) over answered",
              "requests. `other` is the rest of the machine: the kernel and whatever else ran (other work",
-             f"shares this machine). A 2-core machine has 2000 ms of CPU per second.", "",
+             "shares this machine). Each core gives 1000 ms of CPU per second.", "",
              f"| backend | connection | concurrency | cell | {head} | other | machine |",
              "|---|---|---|---|" + "---|" * (len(CPU_GROUPS) + 2)]
     for row in rows:
