@@ -2,8 +2,8 @@
 checkout (BEFORE, e.g. `git archive main | tar -x -C DIR`) against this checkout's, on one
 backend, with TorchServe direct beside them, the three cells interleaved round by round.
 
-    python -m bench.speed_ab --before DIR [--backend postgres-s3] [--requests 24] [--rounds 3]
-                             [--concurrency 1 8] [--out FILE]
+    python -m bench.speed_ab --before DIR [--after DIR] [--backend postgres-s3] [--requests 24]
+                             [--rounds 3] [--concurrency 1 8] [--out FILE]
 
 Same TorchServe, same 9-12 MP JPEGs made unique per upload, the API's default worker count; each
 API gets its own database (and SeaweedFS). Ratios are per round (median, range); each cell also
@@ -33,6 +33,7 @@ def _ratios(rounds: list[dict], a: str, b: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.speed_ab", description=__doc__.split("\n\n")[0])
     p.add_argument("--before", type=Path, required=True, help="a checkout of the code before the change")
+    p.add_argument("--after", type=Path, help="a checkout of the code after it (default: this one)")
     p.add_argument("--backend", default="postgres-s3")
     p.add_argument("--requests", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3)
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     ck_path, ck_info = bench_inputs.checkpoint()
     sampler = MemorySampler()
     workers = min(2 * (os.cpu_count() or 1) + 1, 8)
-    report = {"backend": args.backend, "before": str(args.before), "load_average_at_start": os.getloadavg(),
+    report = {"backend": args.backend, "before": str(args.before), "after": str(args.after or "this checkout"), "load_average_at_start": os.getloadavg(),
               "requests_per_cell": args.requests, "cells": []}
     with tempfile.TemporaryDirectory(prefix="clarity-ab-") as tmp:
         tmp = Path(tmp)
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
                 systems.api(tmp / "before", ts, args.backend, photos[:1], sampler, workers=workers,
                             label="before", repo=args.before.resolve()) as before, \
                 systems.api(tmp / "after", ts, args.backend, photos[:1], sampler, workers=workers,
-                            label="after") as after:
+                            label="after", repo=args.after.resolve() if args.after else None) as after:
             sends = {"torchserve": (clinic.predict_sender(ts.inference_url, datas, False), (200,)),
                      "before": (clinic.upload_sender(before, datas, False), (201,)),
                      "after": (clinic.upload_sender(after, datas, False), (201,))}
