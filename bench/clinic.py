@@ -36,7 +36,7 @@ import requests
 
 from bench import inputs as bench_inputs
 from bench import systems
-from bench.driver import MemorySampler, multipart, run_load
+from bench.driver import MemorySampler, cpu_delta, multipart, run_load
 from bench.inputs import ServeConfig
 from scripts.serving.processes import REPO
 
@@ -78,9 +78,16 @@ def upload_sender(handle, datas: list[bytes], fresh: bool, same: bool = False):
     return send
 
 
-def cell(label: str, send, concurrency: int, n: int, ok=(200,)) -> dict:
-    r = run_load(send, 10**9, concurrency, n, ok_status=ok, warmup=concurrency, desc=label)
-    return {"label": label, **r.to_dict(), "load_average_1m": round(os.getloadavg()[0], 2)}
+def cell(label: str, send, concurrency: int, n: int, ok=(200,), sampler: MemorySampler | None = None) -> dict:
+    """One measured cell; with a sampler, the CPU ms per answered request of each process group
+    (bench/driver.py: MemorySampler.cpu_seconds), from the end of the warm-up to the last answer."""
+    cpu = {}
+    start = (lambda: cpu.update(before=sampler.cpu_seconds())) if sampler else None
+    r = run_load(send, 10**9, concurrency, n, ok_status=ok, warmup=concurrency, desc=label, after_warmup=start)
+    row = {"label": label, **r.to_dict(), "load_average_1m": round(os.getloadavg()[0], 2)}
+    if sampler:
+        row["cpu_ms_per_request"] = cpu_delta(cpu["before"], sampler.cpu_seconds(), r.ok)
+    return row
 
 
 def paired(a_label, a_send, b_label, b_send, concurrency, args, ok_b=(201,), ok_a=None) -> dict:
@@ -88,8 +95,9 @@ def paired(a_label, a_send, b_label, b_send, concurrency, args, ok_b=(201,), ok_
     ok_a = ok_a or ((201,) if "api" in a_label else (200,))
     rounds = []
     for _ in range(args.rounds):
-        rounds.append((cell(a_label, a_send, concurrency, args.requests, ok=ok_a),
-                       cell(b_label, b_send, concurrency, args.requests, ok=ok_b)))
+        sampler = getattr(args, "sampler", None)
+        rounds.append((cell(a_label, a_send, concurrency, args.requests, ok=ok_a, sampler=sampler),
+                       cell(b_label, b_send, concurrency, args.requests, ok=ok_b, sampler=sampler)))
     ratios = [b["throughput_rps"] / a["throughput_rps"] for a, b in rounds if a["throughput_rps"]]
     added = [b["p50_ms"] - a["p50_ms"] for a, b in rounds if "p50_ms" in a and "p50_ms" in b]
     return {"a": a_label, "b": b_label, "concurrency": concurrency, "rounds": [[a, b] for a, b in rounds],
@@ -158,7 +166,7 @@ def main(argv=None) -> int:
                        "concurrency": args.concurrency, "backends": args.backends,
                        "torchserve": DEFAULTS.to_dict()},
               "api_vs_torchserve": [], "before_after": [], "resend": [], "naive": [], "engines": []}
-    sampler = MemorySampler()
+    sampler = args.sampler = MemorySampler()
     with tempfile.TemporaryDirectory(prefix="clarity-clinic-") as tmp:
         tmp = Path(tmp)
         mar = bench_inputs.archive_for(ck_path, ck_sha, DEFAULTS)
@@ -239,6 +247,41 @@ def engines(tmp: Path, ck_path: Path, ck_sha: str, datas, args, sampler) -> list
     return rows
 
 
+CPU_GROUPS = (("TorchServe", ("torchserve",)), ("gunicorn", ("gunicorn",)), ("SeaweedFS", ("seaweedfs",)),
+              ("PG backends", ("postgresql backends",)), ("PG server", ("postgresql server",)),
+              ("load driver", ("load driver",)))
+
+
+def cpu_columns(row: dict, idx: int) -> list:
+    """The median over rounds of each CPU_GROUPS group's CPU ms per request in one side of a
+    paired row, then everything else on the machine (other helpers, the kernel) and the total."""
+    def one(cell):
+        cpu = cell.get("cpu_ms_per_request") or {}
+        cols = [sum(v for k, v in cpu.items() if any(k.startswith(m) or f" {m}" in k for m in marks))
+                for _, marks in CPU_GROUPS]
+        total = cpu.get("machine (all processes)", 0.0)
+        return cols + [total - sum(cols), total]
+    per_round = [one(pair[idx]) for pair in row["rounds"]]
+    return [round(statistics.median(col), 1) for col in zip(*per_round)]
+
+
+def cpu_table(rows: list) -> list[str]:
+    head = " | ".join(name for name, _ in CPU_GROUPS)
+    lines = ["## CPU per request, by process group (ms, median over rounds)", "",
+             "From the end of each cell's warm-up to its last answer, CPU (user + system) over answered",
+             "requests. `other` is the rest of the machine: the kernel and whatever else ran (other work",
+             "shares this machine). Each core gives 1000 ms of CPU per second.", "",
+             f"| backend | connection | concurrency | cell | {head} | other | machine |",
+             "|---|---|---|---|" + "---|" * (len(CPU_GROUPS) + 2)]
+    for row in rows:
+        if not any(pair[0].get("cpu_ms_per_request") for pair in row["rounds"]):
+            continue
+        for idx, who in ((0, "TorchServe direct"), (1, "API")):
+            lines.append(f"| {row['backend']} | {row['connection']} | {row['concurrency']} | {who} | "
+                         + " | ".join(str(v) for v in cpu_columns(row, idx)) + " |")
+    return lines + [""]
+
+
 def markdown(r: dict) -> str:
     def rps(row, side):
         idx = 0 if side == "a" else 1
@@ -265,7 +308,9 @@ def markdown(r: dict) -> str:
                      f"{row['throughput_ratio_b_over_a']} ({row['ratio_range'][0]}-{row['ratio_range'][1]}) | "
                      f"{p50(row, 'a')} | {p50(row, 'b')} | {row['added_p50_ms']} |")
     lines += ["", "Targets (issue 14): API / TorchServe >= 0.85 and added p50 <= 10 ms. A cell's errors (e.g. 202",
-              "pending answers, which are not counted as throughput) are in clinic.json.", "",
+              "pending answers, which are not counted as throughput) are in clinic.json.", ""]
+    lines += cpu_table(r["api_vs_torchserve"])
+    lines += [
               "## Before/after the upload changes (keep-alive)", "",
               "| backend | concurrency | before req/s | after req/s | after / before (range) | before p50 ms | after p50 ms |",
               "|---|---|---|---|---|---|---|"]

@@ -133,6 +133,11 @@ class MemorySampler(threading.Thread):
     the one before; `peaks()` covers the whole run, with each role's first and last sample too.
     RSS of processes in one tree are summed: shared pages (libtorch) count once per process, which
     overstates the total but is what each process costs if it ran alone.
+
+    `cpu_seconds()` is the CPU (user + system) each group has used so far: every tracked tree
+    by label and role, the PostgreSQL backends of each database given to `track_postgres`, the
+    PostgreSQL server's own processes (shared with whatever else uses that server), this
+    process (the load driver) and the whole machine. `cpu_delta` makes a cell's figures of two.
     """
 
     def __init__(self, interval: float = 0.5):
@@ -143,6 +148,51 @@ class MemorySampler(threading.Thread):
         self.window: dict[str, dict] = {}
         self.lifetime: dict[str, dict] = {}
         self.stopped = threading.Event()
+        self.databases: dict[str, str] = {}  # PostgreSQL database -> label
+
+    def track_postgres(self, label: str, database: str) -> None:
+        with self.lock:
+            self.databases[database] = label
+
+    def untrack_postgres(self, database: str) -> None:
+        with self.lock:
+            self.databases.pop(database, None)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        with self.lock:
+            roots, databases = dict(self.roots), dict(self.databases)
+        out: dict[str, float] = {}
+
+        def add(group: str, p: psutil.Process) -> None:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                return
+            out[group] = out.get(group, 0.0) + t.user + t.system
+
+        for label, pid in roots.items():
+            try:
+                root = psutil.Process(pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in procs:
+                r = role(p)
+                add(label if label.endswith(r) else f"{label}: {r}", p)
+        if databases:
+            for p in psutil.process_iter(["name", "cmdline"]):
+                if p.info["name"] != "postgres":
+                    continue
+                words = " ".join(p.info["cmdline"] or []).split()
+                # "postgres: 15/main: USER DATABASE HOST(PORT) STATE" for a backend
+                if len(words) >= 4 and words[3] in databases:
+                    add(f"{databases[words[3]]} postgresql backends", p)
+                elif not any(w.startswith("clarity") or "(" in w for w in words):
+                    add("postgresql server (shared)", p)
+        add("load driver (this process)", psutil.Process())
+        machine = psutil.cpu_times()
+        out["machine (all processes)"] = machine.user + machine.nice + machine.system + machine.irq + machine.softirq
+        return out
 
     def track(self, label: str, pid: int) -> None:
         with self.lock:
@@ -213,6 +263,14 @@ class MemorySampler(threading.Thread):
     def peaks(self) -> dict:
         with self.lock:
             return _rounded(self.lifetime)
+
+
+def cpu_delta(before: dict, after: dict, requests: int) -> dict:
+    """CPU milliseconds per request each group used between two cpu_seconds() readings; a group
+    whose processes all started in between counts from zero."""
+    if not requests:
+        return {}
+    return {k: round((v - before.get(k, 0.0)) * 1000 / requests, 1) for k, v in sorted(after.items())}
 
 
 def _rounded(d):

@@ -89,12 +89,15 @@ def flask_stdout(env: dict, *args: str) -> str:
 class BenchGunicorn(Gunicorn):
     """The API's gunicorn with extra command-line settings (they override gunicorn.conf.py)."""
 
-    def __init__(self, *args, extra_args: tuple = (), **kw):
+    def __init__(self, *args, extra_args: tuple = (), repo: Path | None = None, **kw):
         super().__init__(*args, **kw)
         self.extra_args = list(extra_args)
+        if repo is not None:  # another checkout's code (bench/speed_ab.py: before/after a change)
+            self.cwd = repo
+            self.env["PYTHONPATH"] = str(repo)
 
     def command(self) -> list[str]:
-        return super().command()[:-1] + self.extra_args + [self.app]
+        return [str(VENV_BIN / "gunicorn"), "-c", str(self.cwd / "gunicorn.conf.py"), *self.extra_args, self.app]
 
 
 def api_env(workdir: Path, ts: TorchServe, backend: str) -> tuple[dict, list]:
@@ -133,7 +136,8 @@ def api_env(workdir: Path, ts: TorchServe, backend: str) -> tuple[dict, list]:
 
 @contextlib.contextmanager
 def api(workdir: Path, ts: TorchServe | None, backend: str, inputs: list[BenchInput], sampler: MemorySampler, *,
-        workers: int = 2, extra_args: tuple = (), app: str = "control_api.wsgi:app", label: str | None = None):
+        workers: int = 2, extra_args: tuple = (), app: str = "control_api.wsgi:app", label: str | None = None,
+        repo: Path | None = None):
     """The control API under gunicorn, migrated, with one clinician key and one patient."""
     label = label or f"api {backend}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +147,7 @@ def api(workdir: Path, ts: TorchServe | None, backend: str, inputs: list[BenchIn
     try:
         flask_stdout(env, "migrate")
         token = flask_stdout(env, "keys", "create", "--role", "clinician", "--label", "benchmark").strip().splitlines()[-1]
-        server = BenchGunicorn(workdir / "gunicorn", env, workers=workers, extra_args=extra_args, app=app)
+        server = BenchGunicorn(workdir / "gunicorn", env, workers=workers, extra_args=extra_args, app=app, repo=repo)
         server.start(timeout=90)
         auth = {"Authorization": f"Bearer {token}"}
         r = requests.post(f"{server.url}/api/v1/patients", headers=auth, timeout=30,
@@ -158,9 +162,12 @@ def api(workdir: Path, ts: TorchServe | None, backend: str, inputs: list[BenchIn
             return session.post(url, data=body, headers={**auth, "Content-Type": content_type}, timeout=TIMEOUT)
 
         sampler.track(label, server.proc.pid)
+        database = env["DATABASE_URL"].rsplit("/", 1)[-1] if env["DATABASE_URL"].startswith("postgres") else None
+        if database:
+            sampler.track_postgres(label, database)  # its backends' CPU (clinic.py's cells)
         pids = {label: server.proc.pid}
         if seaweed_pid:
-            sampler.track("seaweedfs", int(seaweed_pid))
+            sampler.track(f"{label} seaweedfs", int(seaweed_pid))  # one per API: before/after cells
             pids["seaweedfs"] = int(seaweed_pid)
         yield Handle(label, server.url, send, ok_status=(201,),
                      info={"backend": backend, "gunicorn_workers": workers,
@@ -170,7 +177,8 @@ def api(workdir: Path, ts: TorchServe | None, backend: str, inputs: list[BenchIn
                      pids=pids, metrics_url=ts.metrics_url if ts else None)
     finally:
         sampler.untrack(label)
-        sampler.untrack("seaweedfs")
+        sampler.untrack(f"{label} seaweedfs")
+        sampler.untrack_postgres(env["DATABASE_URL"].rsplit("/", 1)[-1])
         if server is not None:
             server.stop()
         for stop in reversed(cleanup):

@@ -24,6 +24,7 @@ still waits for all three, so a 201 means what it meant: object stored, row and 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -154,7 +155,10 @@ def _as_prediction(g: Grading) -> dict:
 def _store(screening: Screening, client: TorchServeClient, prediction: dict, version: str | None) -> Grading:
     model = prediction.get("model") or {}
     now = utcnow()
-    with db.atomic():
+    # Inside the caller's transaction (an upload, a re-grade) the writes join it: a savepoint
+    # would cost two round trips and guard nothing, since no caller catches a failed write here
+    # and carries on; the caller's transaction rolls back whole.
+    with db.atomic() if db.transaction_depth() == 0 else contextlib.nullcontext():
         grading = Grading.create(
             screening=screening, created_at=now,
             model_name=str(model.get("name") or client.model_name),

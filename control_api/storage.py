@@ -180,11 +180,16 @@ class S3Storage(Storage):
         self.presign_ttl = presign_ttl
         # botocore's own retries ("standard" mode) cover throttling and 5xx; they are safe
         # because every call here is idempotent (PUT of the same bytes to the same key).
+        # No payload signing: a PUT carries the body's SHA-256 in x-amz-checksum-sha256, a signed
+        # header that S3 checks the body against (BadDigest otherwise), so botocore hashing the
+        # whole body again for the signature (it does over http; over https with a checksum it
+        # already signs UNSIGNED-PAYLOAD) adds nothing but a third pass over the image.
         self.client = client or boto3.client(
             "s3", region_name=region, endpoint_url=endpoint_url or None,
             config=Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=3,
                           read_timeout=20, signature_version="s3v4",
-                          s3={"addressing_style": "path" if endpoint_url else "auto"},
+                          s3={"addressing_style": "path" if endpoint_url else "auto",
+                              "payload_signing_enabled": False},
                           max_pool_connections=32),
         )
 

@@ -289,12 +289,12 @@ def _grade_stored(screening: Screening, data: bytes, photo: dicom.Photo, prepare
 def _fresh_transaction() -> None:
     """Commit the view's transaction so far (only reads) and begin another before the first write.
 
-    The view runs in one transaction (audit.audited). Its reads began a snapshot before the
-    model was asked; on SQLite a snapshot that another upload has written past since cannot
-    become a write transaction (SQLITE_BUSY at once, a 503), and writing first and waiting
-    afterwards would hold the one write lock for the whole inference. Nothing is written yet,
-    so this commit keeps every write and the audit row in the one transaction that follows."""
-    if db.transaction_depth() == 1:
+    The view runs in one transaction (audit.audited). Its reads began a snapshot before the model was
+    asked; on SQLite a snapshot that another upload has written past since cannot become a write
+    transaction (SQLITE_BUSY at once, a 503), and writing first and waiting afterwards would hold the
+    one write lock for the whole inference. Nothing is written yet, so every write and the audit row
+    still commit together. PostgreSQL (READ COMMITTED, row locks) needs none of it: two round trips."""
+    if db.transaction_depth() == 1 and isinstance(db.obj, peewee.SqliteDatabase):
         db.top_transaction().commit()
 
 
