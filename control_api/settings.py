@@ -42,6 +42,8 @@ class Settings:
     s3_presign_ttl_seconds: int = setting("S3_PRESIGN_TTL_SECONDS", 300, "lifetime of image download URLs")
     torchserve_inference_url: str = setting("TORCHSERVE_INFERENCE_URL", "http://127.0.0.1:8080", "")
     torchserve_management_url: str = setting("TORCHSERVE_MANAGEMENT_URL", "http://127.0.0.1:8081", "")
+    torchserve_key_file: str = setting("TORCHSERVE_KEY_FILE", "",
+                                       "TorchServe's key_file.json (token authorization); empty sends no key")
     torchserve_model_name: str = setting("TORCHSERVE_MODEL_NAME", "dr", "registered model name")
     torchserve_timeout_seconds: float = setting("TORCHSERVE_TIMEOUT_SECONDS", 30.0, "per prediction")
     torchserve_max_in_flight: int = setting("TORCHSERVE_MAX_IN_FLIGHT", 0,

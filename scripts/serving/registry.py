@@ -1,6 +1,6 @@
 """Manage model versions on TorchServe through its management API.
 
-    python -m scripts.serving.registry [--management URL] [--model-store DIR] COMMAND
+    python -m scripts.serving.registry [--management URL] [--key-file FILE] [--model-store DIR] COMMAND
         list                                   every model and version, the default marked *
         describe NAME                          TorchServe's description of every version (JSON)
         register MAR [--name N --version V] [--workers N] [--wait] [--timeout S]
@@ -23,7 +23,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from scripts.serving.management import DEFAULT_MANAGEMENT, Management, ManagementError, ready_workers
+from scripts.serving.management import DEFAULT_KEY_FILE, DEFAULT_MANAGEMENT, Management, ManagementError, ready_workers
 
 HISTORY_FILE = ".defaults.json"
 _MAR_NAME = re.compile(r"^(?P<name>.+?)_(?P<version>[^_/]+)\.mar$")
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Manage model versions on TorchServe.")
     p.add_argument("--management", default=DEFAULT_MANAGEMENT,
                    help="management API URL (env TORCHSERVE_MANAGEMENT_URL)")
+    p.add_argument("--key-file", default=DEFAULT_KEY_FILE,
+                   help="TorchServe's key_file.json, for the management key (env TORCHSERVE_KEY_FILE)")
     p.add_argument("--model-store", type=Path, default=Path(os.environ.get("MODEL_PATH", "model_store")),
                    help="where archives and .defaults.json live (env MODEL_PATH)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max", type=int, required=True, dest="max_workers")
     args = p.parse_args(argv)
 
-    api = Management(args.management)
+    api = Management(args.management, key_file=args.key_file)
     history = History(args.model_store / HISTORY_FILE)
     try:
         if args.command == "list":
