@@ -12,6 +12,10 @@ set -eu
 : "${BAKED_MODELS:=/home/model-server/baked}"
 : "${SERVE_LOG_CONFIG:=/home/model-server/torchserve-log4j2.xml}"
 : "${TEMP:=/tmp}"
+# TorchServe writes its token authorization keys (key_file.json, mode 0600) into its working
+# directory: this one, a volume the API's container mounts too (compose: torchserve-keys; ECS:
+# the task's shared volume). The health check reads it through TORCHSERVE_KEY_FILE.
+: "${TS_KEY_DIR:=/home/model-server/keys}"
 export TS_CONFIG_FILE TEMP
 # Which archives to register at start, as TorchServe's --models takes them (NAME=FILE ...).
 # The default is the archive baked into the image; a mounted model store can name others.
@@ -31,6 +35,9 @@ for mar in "$BAKED_MODELS"/*.mar; do
   [ -e "$mar" ] || continue
   [ -e "$MODEL_PATH/${mar##*/}" ] || cp "$mar" "$MODEL_PATH/"
 done
+
+mkdir -p "$TS_KEY_DIR"
+cd "$TS_KEY_DIR"
 
 # SERVE_MODELS is a space-separated list: word splitting is wanted here.
 # shellcheck disable=SC2086

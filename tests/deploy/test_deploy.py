@@ -776,9 +776,11 @@ def fake_server():
     server.server_close()
 
 
-def _healthcheck(*args) -> int:
+def _healthcheck(*args, env: dict | None = None) -> int:
+    # As in the serving image, the tools' management client is found through PYTHONPATH.
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), *args],
-                          capture_output=True, timeout=30).returncode
+                          capture_output=True, timeout=30, env=env).returncode
 
 
 @pytest.mark.parametrize("answer, healthy", [
