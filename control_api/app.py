@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
         "storage": storage or storage_mod.from_settings(settings),
         "torchserve": torchserve or torchserve_mod.from_settings(settings),
     }
-    bind(settings.database_url, settings.database_statement_timeout_seconds)
+    bind(settings.database_url, settings.database_deadline_seconds)
 
     app.before_request(_start)
     app.before_request(_limit_body)
