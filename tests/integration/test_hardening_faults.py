@@ -61,7 +61,8 @@ class Gate:
                     return self._answer(500, {"code": 500, "type": "InternalServerException",
                                               "message": "Worker died."})
                 upstream = requests.post(gate.target + self.path, data=body, timeout=60,
-                                         headers={"Content-Type": self.headers.get("Content-Type", "")})
+                                         headers={"Content-Type": self.headers.get("Content-Type", ""),
+                                                  "Authorization": self.headers.get("Authorization", "")})
                 self._answer(upstream.status_code, upstream.content, raw=True)
 
             def _answer(self, status, body, raw=False):

@@ -50,13 +50,10 @@ def stack(tmp_path_factory, model_store, torchserve_short_keys, s3_server):
 
 
 @pytest.fixture(scope="module")
-def clinician(stack):
-    return stack.key("clinician")
-
-
-@pytest.fixture(scope="module")
-def patient(stack, clinician):
-    return new_patient(stack, clinician, "keys")
+def clinic(stack):
+    """(a clinician's headers, a patient of theirs)."""
+    clinician = stack.key("clinician")
+    return clinician, new_patient(stack, clinician, "keys")
 
 
 def file_keys(ts: TorchServe) -> dict:
@@ -72,8 +69,8 @@ def token_calls(ts: TorchServe, kind: str) -> int:
 seen_keys: set[str] = set()
 
 
-def graded(stack, clinician, patient, seed: int) -> requests.Response:
-    answer = upload(stack, clinician, patient, jpeg(seed=seed))
+def graded(stack, clinic, seed: int) -> requests.Response:
+    answer = upload(stack, *clinic, jpeg(seed=seed))
     assert answer.status_code == 201, (answer.status_code, answer.text)
     return answer
 
@@ -92,14 +89,14 @@ def test_every_call_but_metrics_needs_its_key(torchserve_short_keys):
     assert requests.get(f"{ts.metrics_url}/metrics", timeout=10).status_code == 200
 
 
-def test_the_api_renews_expired_keys_once_for_all_its_processes(stack, clinician, patient, torchserve_short_keys):
+def test_the_api_renews_expired_keys_once_for_all_its_processes(stack, clinic, torchserve_short_keys):
     ts = torchserve_short_keys
-    graded(stack, clinician, patient, 1)
+    graded(stack, clinic, 1)
     before = file_keys(ts)
     calls = token_calls(ts, "inference")
     time.sleep(EXPIRY_SECONDS + 1)  # every key the API holds has expired
     with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda i: upload(stack, clinician, patient, jpeg(seed=100 + i)), range(6)))
+        answers = list(pool.map(lambda i: upload(stack, *clinic, jpeg(seed=100 + i)), range(6)))
     assert [a.status_code for a in answers] == [201] * 6, [a.text for a in answers if a.status_code != 201]
     after = file_keys(ts)
     seen_keys.update(after.values())
@@ -113,9 +110,9 @@ def test_the_api_renews_expired_keys_once_for_all_its_processes(stack, clinician
     assert requests.get(f"{stack.url}/readyz", timeout=30).status_code == 200
 
 
-def test_a_key_renewed_behind_the_apis_back_is_read_from_the_file(stack, clinician, patient, torchserve_short_keys):
+def test_a_key_renewed_behind_the_apis_back_is_read_from_the_file(stack, clinic, torchserve_short_keys):
     ts = torchserve_short_keys
-    graded(stack, clinician, patient, 2)
+    graded(stack, clinic, 2)
     api_key = file_keys(ts)["API"]
     renewed = requests.get(f"{ts.management_url}/token", params={"type": "inference"},
                            headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
@@ -123,15 +120,15 @@ def test_a_key_renewed_behind_the_apis_back_is_read_from_the_file(stack, clinici
     mine = file_keys(ts)["inference"]
     seen_keys.add(mine)
     calls = token_calls(ts, "inference")
-    graded(stack, clinician, patient, 3)
+    graded(stack, clinic, 3)
     # The API read the key now in the file instead of renewing it again (which would have
     # invalidated the key of whoever renewed it).
     assert token_calls(ts, "inference") == calls and file_keys(ts)["inference"] == mine
 
 
-def test_a_restarted_torchserve_with_new_keys_is_used_at_once(stack, clinician, patient, torchserve_short_keys):
+def test_a_restarted_torchserve_with_new_keys_is_used_at_once(stack, clinic, torchserve_short_keys):
     ts = torchserve_short_keys
-    graded(stack, clinician, patient, 4)
+    graded(stack, clinic, 4)
     old = file_keys(ts)
     ts.stop()
     ts.start(timeout=120)
@@ -139,7 +136,7 @@ def test_a_restarted_torchserve_with_new_keys_is_used_at_once(stack, clinician, 
     new = file_keys(ts)
     seen_keys.update(new.values())
     assert new["API"] != old["API"]
-    graded(stack, clinician, patient, 5)
+    graded(stack, clinic, 5)
 
 
 def test_the_tools_renew_the_management_key(torchserve_short_keys):
