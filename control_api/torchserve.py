@@ -5,6 +5,9 @@ Inference Protocol) means rewriting this file and nothing else. The rest of the 
 `TorchServeClient.predict()` returning the prediction dict of docs/contracts.md §4,
 `explain()` returning it with a Grad-CAM explanation,
 `models()` and `ready()`, and the three exceptions below.
+
+TorchServe's token authorization is on: every call carries the inference or management key
+from TorchServe's key file, renewed when TorchServe refuses it (torchserve_keys.py).
 """
 from __future__ import annotations
 
