@@ -102,17 +102,10 @@ def paired(a_label, a_send, b_label, b_send, concurrency, args, ok_b=(201,), ok_
 
 def _limit_worker(job):
     checkpoint, engine, paths, seconds = job
-    import torch
-
+    from bench.limit import load_model
     from handlers import engine as engines
     from handlers import fundus
-    from handlers.network import DRNet
-    torch.set_num_threads(1)
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    cfg = fundus.PreprocessConfig.from_dict(ck["preprocess"])
-    thresholds = fundus.QualityThresholds.from_dict(ck["quality"])
-    model = DRNet(arch=ck["arch"], num_classes=len(ck["grade_labels"])).eval()
-    model.load_state_dict(ck["state_dict"])
+    model, cfg, thresholds = load_model(checkpoint, threads=1)
     run = engines.Eager(model)
     if engine == "onnx":
         path = Path(tempfile.mkdtemp()) / "m.onnx"

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.limit import load_model
 from handlers import engine as engines
 from handlers import fundus
 from handlers.network import DRNet
@@ -119,13 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", type=int, default=400)
     p.add_argument("--sizes", type=int, nargs="*", default=[384, 512])
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
     torch.manual_seed(0)
-    ck = torch.load(DEMO, map_location="cpu", weights_only=True)
-    cfg = fundus.PreprocessConfig.from_dict(ck["preprocess"])
-    thresholds = fundus.QualityThresholds.from_dict(ck["quality"])
-    demo = DRNet(arch=ck["arch"], num_classes=len(ck["grade_labels"])).eval()
-    demo.load_state_dict(ck["state_dict"])
+    demo, cfg, thresholds = load_model(DEMO, threads=1)
     load = [os.getloadavg()]
     calibration_crops = synthetic_tensors(0, CALIBRATION, cfg, thresholds)
     calibration = [torch.stack(calibration_crops[i:i + 8]) for i in range(0, len(calibration_crops), 8)]
@@ -133,7 +129,7 @@ def main(argv=None) -> int:
                              "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rows = speed(f"demo {ck['arch']}", demo, cfg.input_size, calibration, tmp, args.rounds)
+        rows = speed(f"demo {demo.arch}", demo, cfg.input_size, calibration, tmp, args.rounds)
         load.append(os.getloadavg())
         heldout = synthetic_tensors(HELDOUT_SEED, args.heldout, cfg, thresholds)
         runs = engines_for(demo, cfg.input_size, tmp, calibration)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from scripts.files import sha256_file
+from handlers.checksum import sha256_file
 from scripts.serving.processes import REPO
 from scripts.serving.stack import DEMO_CHECKPOINT
 

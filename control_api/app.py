@@ -14,10 +14,12 @@ from flask import Flask, current_app, g, request
 from flask_cors import CORS
 
 from . import audit, auth, cli, errors, keepalive, logs, metrics, ratelimit, schemas
+from . import shadow as shadow_mod
 from . import storage as storage_mod
 from . import torchserve as torchserve_mod
 from .blueprints import audit as audit_bp
 from .blueprints import console, docs, exams, health, patients, screenings, versions
+from .blueprints import shadow as shadow_bp
 from .db import bind, db
 from .settings import Settings
 
@@ -72,6 +74,12 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
         "storage": storage or storage_mod.from_settings(settings),
         "torchserve": torchserve or torchserve_mod.from_settings(settings),
     }
+    # The shadow thread has a client of its own: it must not take one of the in-flight slots
+    # that keep gunicorn's threads from all waiting on TorchServe (tests inject a fake for both).
+    app.extensions["clarity"]["shadow"] = shadow_mod.Shadow(
+        torchserve or torchserve_mod.from_settings(settings, bounded=False), settings.shadow_queue_size,
+        shadow_mod.marker_dir_for(settings.database_url))
+    shadow_mod.init_app(app)
     bind(settings.database_url, settings.database_deadline_seconds)
 
     app.before_request(_start)
@@ -83,6 +91,7 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     for blueprint in (health.blp, patients.blp, exams.blp, screenings.blp, versions.blp, audit_bp.blp):
         api.register_blueprint(blueprint)
+    api.register_blueprint(shadow_bp.blp)
     app.register_blueprint(docs.bp)  # not an API resource: left out of the OpenAPI document
     app.register_blueprint(console.bp)  # static files, outside the OpenAPI document
     errors.register(app)

@@ -1,13 +1,15 @@
 """`flask --app control_api ...` commands: schema, API keys, and jobs that repair or finish work."""
 from __future__ import annotations
 
+import json
 import sys
 from datetime import datetime, timedelta, timezone
 
 import click
+from flask import current_app
 from flask.cli import with_appcontext
 
-from . import migrations
+from . import agreement, migrations
 from .auth import create_key, revoke_key
 from .db import db
 from .grading import grade_pending
@@ -89,6 +91,7 @@ def grade_pending_command(limit):
     status 1, when TorchServe or storage is not there at all."""
     counts = grade_pending(get_client(), get_storage(), limit, say=click.echo)
     click.echo(", ".join(f"{n} {k}" for k, n in counts.items() if k != "stopped"))
+    current_app.extensions["clarity"]["shadow"].drain()  # shadow gradings this process queued
     if counts["stopped"]:
         sys.exit(1)
 
@@ -173,7 +176,42 @@ def dicom_receiver():
     receiver.run(current_app._get_current_object())
 
 
+@click.group("shadow")
+def shadow_group():
+    """Shadow grading: compare a candidate version with the clinical gradings."""
+
+
+@shadow_group.command("report")
+@click.option("--version", required=True, help="the candidate version")
+@click.option("--baseline-version", default=None, help="only clinical gradings of this version")
+@click.option("--json", "as_json", is_flag=True, help="the report as JSON (the admin route's body)")
+@with_appcontext
+def shadow_report(version, baseline_version, as_json):
+    """Agreement of VERSION's shadow answers with the clinical gradings (ids only, no PHI)."""
+    report = agreement.compare(version, baseline_version)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.3f}"
+    click.echo(f"candidate {version} vs clinical {', '.join(report['baseline_versions']) or '-'}: "
+               f"{report['photographs']} photographs, {report['both_gradable']} gradable by both")
+    click.echo(f"grade: quadratic weighted kappa {fmt(report['grade_kappa'])}, "
+               f"exact agreement {fmt(report['grade_agreement'])}")
+    click.echo(f"referable agreement {fmt(report['referable_agreement'])}, "
+               f"gradable agreement {fmt(report['gradable_agreement'])}")
+    labels = report["confusion"]["labels"]
+    click.echo("confusion (rows: clinical, columns: candidate)")
+    click.echo("            " + "".join(f"{label:>11}" for label in labels))
+    for label, row in zip(labels, report["confusion"]["matrix"]):
+        click.echo(f"{label:>12}" + "".join(f"{n:>11}" for n in row))
+    click.echo(f"disagree on referral: {report['referral_disagreements_total']}")
+    for d in report["referral_disagreements"]:
+        click.echo(f"  screening {d['screening_id']}: clinical grade {d['baseline_grade']}, "
+                   f"candidate grade {d['candidate_grade']}")
+
+
 def register(app) -> None:
     for command in (migrate_command, keys, grade_pending_command, grade_worker, check_storage, reconcile,
-                    dicom_receiver):
+                    dicom_receiver, shadow_group):
         app.cli.add_command(command)

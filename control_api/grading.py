@@ -14,7 +14,9 @@ Result cache: an upload whose bytes (SHA-256) this patient already sent, and whi
 default model version already graded, gets a copy of that grading without inference. The cache
 is the grading table itself; its key is (patient, image SHA-256, model name, model version), so
 promoting or rolling back the default changes the key and nothing needs deleting. Re-grades
-always run the model.
+always run the model. A cache hit is not offered to the version in shadow: the same bytes were
+offered when the default first graded them, and a copy would count one photograph twice in the
+shadow agreement report.
 
 An upload asks TorchServe early (`ask_early`): the prediction runs in a background thread while
 the view stores the object and writes the row, so their time hides behind inference. The answer
@@ -28,9 +30,10 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
+from flask import current_app, has_app_context
 from peewee import Case, fn
 
-from . import dicom, metrics
+from . import dicom, metrics, shadow
 from .db import db
 from .models import Grading, Screening, utcnow
 from .storage import ObjectCorrupted, ObjectMissing, StorageUnavailable
@@ -104,27 +107,39 @@ def ask_early(client: TorchServeClient, screening: Screening, image: bytes,
         if _early is None or _early[0] != os.getpid():
             # predict() admits at most max_in_flight at once and answers the rest "busy" at once.
             _early = (os.getpid(), ThreadPoolExecutor(max_workers=16, thread_name_prefix="predict"))
-    return _early[1].submit(client.predict, *(prepared or model_input(screening, image)))
+    return _early[1].submit(_predict, client, prepared or model_input(screening, image))
 
 
 def grade(client: TorchServeClient, screening: Screening, image: bytes, version: str | None = None,
           prepared: tuple[bytes, str] | None = None, *, use_cache: bool = False,
-          early: Future | None = None) -> Grading:
+          early: Future | None = None, offer_shadow: bool = True) -> Grading:
     """Run the model on `image` (the stored bytes; `prepared` when the caller already has the
     model input), or with use_cache reuse an identical result, or take the answer of `early`;
-    store the grading. TorchServe's exceptions pass through untouched,
-    with nothing written."""
+    store the grading. TorchServe's exceptions pass through untouched, with nothing written.
+    Once the grading is stored, the version in shadow, if any, is offered the same model input
+    (shadow.py); a result-cache hit is not (module docstring), nor is what offer_shadow=False
+    grades (a re-grade of a graded photograph)."""
     if early is not None:
         metrics.RESULT_CACHE.labels("miss").inc()
-        return _store(screening, client, early.result(), version)
-    earlier = cached(client, screening) if use_cache and version is None else None
-    if earlier is not None:
-        metrics.RESULT_CACHE.labels("hit").inc()
-        return _store(screening, client, _as_prediction(earlier), version)
-    if use_cache:
-        metrics.RESULT_CACHE.labels("miss").inc()
-    return _store(screening, client, client.predict(*(prepared or model_input(screening, image)), version),
-                  version)
+        grading = _store(screening, client, early.result(), version)
+    else:
+        earlier = cached(client, screening) if use_cache and version is None else None
+        if earlier is not None:
+            metrics.RESULT_CACHE.labels("hit").inc()
+            return _store(screening, client, _as_prediction(earlier), version)
+        if use_cache:
+            metrics.RESULT_CACHE.labels("miss").inc()
+        prepared = prepared or model_input(screening, image)
+        grading = _store(screening, client, _predict(client, prepared, version), version)
+    if offer_shadow and has_app_context():
+        current_app.extensions["clarity"]["shadow"].offer(screening, prepared or model_input(screening, image),
+                                                          grading)
+    return grading
+
+
+def _predict(client: TorchServeClient, model_input_: tuple[bytes, str], version: str | None = None) -> dict:
+    with shadow.clinical_call():  # shadow work on this host waits for it (shadow.py)
+        return client.predict(*model_input_, version)
 
 
 def _as_prediction(g: Grading) -> dict:
@@ -158,6 +173,7 @@ def _store(screening: Screening, client: TorchServeClient, prediction: dict, ver
         screening.save(only=[Screening.status, Screening.grading_started_at, Screening.updated_at])
     screening._latest = grading
     metrics.SCREENINGS.labels(screening.status).inc()
+    shadow.observe(grading.model_version, grading.gradable, grading.grade, grading.quality)
     return grading
 
 

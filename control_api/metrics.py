@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram,
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, multiprocess)
 
 REQUESTS = Counter("clarity_api_requests_total", "HTTP requests answered",
@@ -24,6 +24,19 @@ SCREENINGS = Counter("clarity_screenings_total", "Screening gradings by outcome"
 STORAGE_SECONDS = Histogram("clarity_storage_operation_duration_seconds", "Image storage calls",
                             ["backend", "operation"],
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+# Per model version (clinical default and shadow candidates alike), for drift alerts in
+# deploy/alerts.yml. `grade` is 0-4 or "ungradable"; `version` is a model version string.
+MODEL_GRADINGS = Counter("clarity_model_gradings_total", "Gradings by model version and grade",
+                         ["version", "grade"])
+MODEL_QUALITY = Histogram("clarity_model_quality_score", "Image quality score by model version", ["version"],
+                          buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+# The share of each grade in the version's held-out set, from its model card: what the
+# alert rules compare the live distribution with. Set when the API first sees the version.
+MODEL_CARD_GRADE_SHARE = Gauge("clarity_model_card_grade_share", "Held-out share of each grade (model card)",
+                               ["version", "grade"], multiprocess_mode="max")
+SHADOW = Counter("clarity_shadow_gradings_total", "Shadow work by outcome: graded, or dropped because "
+                 "the queue was full or the model server failed (never retried)", ["outcome"])
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

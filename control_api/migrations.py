@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from peewee import (AutoField, BigAutoField, BooleanField, CharField, DateField, DateTimeField,
+from peewee import (AutoField, BigAutoField, BooleanField, CharField, DateField, DateTimeField, FloatField,
                     ForeignKeyField, IntegerField, JSONField, Model, PostgresqlDatabase, TextField,
                     UUIDField)
 from playhouse.migrate import SchemaMigrator, migrate as apply_operations
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 def _v1_models(database):
     """The schema as first released."""
+    # Over 80 lines on purpose: the frozen v1 schema, one class per table, kept whole as released.
 
     class Base(Model):
         class Meta:
@@ -227,7 +228,49 @@ def upgrade_v4_to_v5(database) -> None:
     database.create_tables([DicomInstance, DicomReport])
 
 
-STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3, 4: upgrade_v3_to_v4, 5: upgrade_v4_to_v5}
+def upgrade_v5_to_v6(database) -> None:
+    """Shadow grading (issue 13): the candidate version in shadow, and its answers kept apart from
+    the clinical gradings (control_api/shadow.py)."""
+    v1 = _v1_models(database)
+
+    class ShadowSetting(Model):
+        id = AutoField()
+        model_name = CharField(max_length=100)
+        model_version = CharField(max_length=50)
+        sample_rate = FloatField(default=1.0)
+        started_at = DateTimeField(default=utcnow)
+        started_by = ForeignKeyField(v1["ApiKey"], null=True, on_delete="SET NULL")
+        stopped_at = DateTimeField(null=True)
+
+        class Meta:
+            table_name = "shadow_setting"
+
+    class ShadowGrading(Model):
+        id = UUIDField(primary_key=True, default=uuid.uuid4)
+        screening = ForeignKeyField(v1["Screening"], on_delete="CASCADE")
+        baseline = ForeignKeyField(v1["Grading"], null=True, on_delete="SET NULL")
+        source = CharField(max_length=16, default="shadow")
+        model_name = CharField(max_length=100)
+        model_version = CharField(max_length=50, index=True)
+        gradable = BooleanField()
+        grade = IntegerField(null=True)
+        label = CharField(max_length=100, null=True)
+        probabilities = JSONField(null=True)
+        referable = BooleanField(null=True)
+        referable_threshold = IntegerField(null=True)
+        quality = JSONField()
+        timings = JSONField(null=True)
+        created_at = DateTimeField(default=utcnow)
+
+        class Meta:
+            table_name = "shadow_grading"
+
+    database.bind([ShadowSetting, ShadowGrading], bind_refs=False, bind_backrefs=False)
+    database.create_tables([ShadowSetting, ShadowGrading])
+
+
+STEPS = {1: create_v1, 2: upgrade_v1_to_v2, 3: upgrade_v2_to_v3, 4: upgrade_v3_to_v4, 5: upgrade_v4_to_v5,
+         6: upgrade_v5_to_v6}
 LATEST = max(STEPS)
 
 

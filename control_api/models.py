@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from peewee import (AutoField, BigAutoField, BooleanField, CharField, DateField, DateTimeField,
+from peewee import (AutoField, BigAutoField, BooleanField, CharField, DateField, DateTimeField, FloatField,
                     ForeignKeyField, IntegerField, JSONField, Model, TextField, UUIDField)
 
 from .db import db
@@ -107,11 +107,10 @@ class Screening(BaseModel):
         return self._latest
 
 
-class Grading(BaseModel):
-    """One model run on one screening; re-grading adds a row, history is kept."""
+class ModelAnswer(BaseModel):
+    """The columns of one model answer, shared by Grading (clinical) and ShadowGrading (a
+    candidate's). Not a table of its own."""
 
-    id = UUIDField(primary_key=True, default=uuid.uuid4)
-    screening = ForeignKeyField(Screening, backref="gradings", on_delete="CASCADE")
     model_name = CharField(max_length=100)
     model_version = CharField(max_length=50)
     gradable = BooleanField()
@@ -121,6 +120,13 @@ class Grading(BaseModel):
     referable = BooleanField(null=True)
     referable_threshold = IntegerField(null=True)
     quality = JSONField()
+
+
+class Grading(ModelAnswer):
+    """One model run on one screening; re-grading adds a row, history is kept."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    screening = ForeignKeyField(Screening, backref="gradings", on_delete="CASCADE")
     synthetic_training_data = BooleanField(default=False)
     disclaimer = TextField(null=True)
     created_at = DateTimeField(default=utcnow)
@@ -180,6 +186,41 @@ class DicomReport(BaseModel):
         table_name = "dicom_report"
 
 
+class ShadowSetting(BaseModel):
+    """A candidate model version put in shadow by an admin (schema v6). The row whose
+    `stopped_at` is null is the active one; earlier rows are the record of past trials."""
+
+    id = AutoField()
+    model_name = CharField(max_length=100)
+    model_version = CharField(max_length=50)
+    sample_rate = FloatField(default=1.0)  # share of new photographs it grades, 0 < rate <= 1
+    started_at = DateTimeField(default=utcnow)
+    started_by = ForeignKeyField(ApiKey, null=True, on_delete="SET NULL")
+    stopped_at = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "shadow_setting"
+
+
+class ShadowGrading(ModelAnswer):
+    """A candidate version's answer on a photograph, kept apart from Grading on purpose: every
+    clinical read (latest result, history, summary, reports, exports) reads Grading only, so
+    nothing here can reach a clinician. `baseline` is the clinical grading it is compared with.
+    `source` is "shadow" (graded in the background after an upload) or "regrade" (an admin
+    re-graded with a named version)."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    screening = ForeignKeyField(Screening, backref="shadow_gradings", on_delete="CASCADE")
+    baseline = ForeignKeyField(Grading, null=True, backref="shadow_gradings", on_delete="SET NULL")
+    source = CharField(max_length=16, default="shadow")
+    model_version = CharField(max_length=50, index=True)  # the report selects by it
+    timings = JSONField(null=True)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "shadow_grading"
+
+
 class SchemaVersion(BaseModel):
     id = AutoField()
     version = IntegerField()
@@ -189,4 +230,5 @@ class SchemaVersion(BaseModel):
         table_name = "schema_version"
 
 
-MODELS = (ApiKey, Patient, Exam, Screening, Grading, AuditEvent, DicomInstance, DicomReport, SchemaVersion)
+MODELS = (ApiKey, Patient, Exam, Screening, Grading, AuditEvent, DicomInstance, DicomReport, SchemaVersion,
+          ShadowSetting, ShadowGrading)

@@ -336,12 +336,17 @@ class ModelVersion(Schema):
     workers = fields.Integer()
     batch_size = fields.Integer(allow_none=True)
     max_batch_delay_ms = fields.Integer(allow_none=True)
+    card = fields.Dict(allow_none=True, metadata={
+        "description": "held-out metrics from the version's model card; null when the card has none"})
+    shadow = fields.Dict(allow_none=True, metadata={
+        "description": "agreement of its shadow answers with the default's clinical gradings; null without any"})
 
 
 class Models(Schema):
     model = fields.String()
     default_version = fields.String(allow_none=True)
     versions = fields.List(fields.Nested(ModelVersion))
+    shadow = fields.Dict(allow_none=True, metadata={"description": "the version in shadow now, if any"})
 
 
 class AuditArgs(PageArgs):

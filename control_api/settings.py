@@ -72,6 +72,8 @@ class Settings:
     dicom_health_port: int = setting("DICOM_HEALTH_PORT", 11113, "receiver's /healthz, /readyz, /metrics")
     dicom_report_destination: str = setting("DICOM_REPORT_DESTINATION", "",
                                             "AE@host:port that gets exam reports as Encapsulated PDF; empty: none")
+    shadow_queue_size: int = setting("SHADOW_QUEUE_SIZE", 16,
+                                     "shadow gradings waiting per API process; more are dropped and counted")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -90,7 +92,7 @@ class Settings:
         if self.storage_backend == "s3" and not self.s3_bucket_name:
             raise SettingsError("S3_BUCKET_NAME is required when STORAGE_BACKEND=s3")
         for name in ("port", "max_upload_bytes", "s3_presign_ttl_seconds", "gunicorn_threads",
-                     "torchserve_timeout_seconds", "dicom_port", "dicom_health_port"):
+                     "torchserve_timeout_seconds", "dicom_port", "dicom_health_port", "shadow_queue_size"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be positive")
         if self.database_statement_timeout_seconds < 0:

@@ -11,6 +11,7 @@ from TorchServe's key file, renewed when TorchServe refuses it (torchserve_keys.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -176,9 +177,10 @@ class TorchServeClient:
     def _send_get(self, path: str, auth: dict) -> requests.Response:
         return self.session.get(f"{self.management_url}{path}", headers=auth, timeout=(3, 10))
 
-    def describe(self, version: str | None = None) -> list[dict]:
+    def describe(self, version: str | None = None, customized: bool = False) -> list[dict]:
         """TorchServe's model description (GET /models/NAME[/VERSION])."""
-        path = f"/models/{self.model_name}" + (f"/{version}" if version else "")
+        path = f"/models/{self.model_name}" + (f"/{version}" if version else "") + \
+            ("?customized=true" if customized else "")
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -219,6 +221,15 @@ class TorchServeClient:
             self._default = (version, now)
         return self._default[0]
 
+    def metadata(self, version: str) -> dict:
+        """The version's model_meta.json (provenance, and held-out metrics when the archive has
+        them), as the handler answers TorchServe's customized description. Runs on a worker."""
+        body = self.describe(version, customized=True)
+        meta = body[0].get("customizedMetadata") if body else None
+        if isinstance(meta, str):
+            meta = _json_text(meta)
+        return meta if isinstance(meta, dict) else {}
+
     def ready(self) -> bool:
         """The default version has a READY worker (TorchServe's /ping is healthy before that)."""
         return any(_ready_workers(m) for m in self.describe())
@@ -228,6 +239,13 @@ def _ready_workers(description: dict) -> int:
     return sum(1 for w in description.get("workers") or [] if w.get("status") == "READY")
 
 
+def _json_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def _json(response: requests.Response):
     try:
         return response.json()
@@ -235,11 +253,11 @@ def _json(response: requests.Response):
         return None
 
 
-def from_settings(settings) -> TorchServeClient:
+def from_settings(settings, bounded: bool = True) -> TorchServeClient:
     return TorchServeClient(settings.torchserve_inference_url, settings.torchserve_management_url,
                             settings.torchserve_model_name, settings.torchserve_timeout_seconds,
                             pool_size=max(4, settings.gunicorn_threads * 2),
-                            max_in_flight=settings.torchserve_max_in_flight_effective,
+                            max_in_flight=settings.torchserve_max_in_flight_effective if bounded else None,
                             key_file=settings.torchserve_key_file)
 
 

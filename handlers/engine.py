@@ -10,11 +10,16 @@ calibrated on training crops; adopt it only where it agrees with fp32 (docs/benc
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# Inside a .mar every handler file is a top-level module: try that first (as dr_handler does).
+try:
+    from checksum import sha256_file
+except ImportError:
+    from handlers.checksum import sha256_file
 
 ENGINES = ("eager", "onnx", "onnx-int8")
 ONNX_FILE = "model.onnx"
@@ -67,7 +72,7 @@ def load(meta: dict, model_dir: Path, model: torch.nn.Module, device: torch.devi
     if device.type == "cuda" and not _cuda_provider():
         return Eager(model)
     path = Path(model_dir) / spec["file"]
-    if spec.get("sha256") and sha256(path) != spec["sha256"]:
+    if spec.get("sha256") and sha256_file(path) != spec["sha256"]:
         raise ValueError(f"{path.name} does not match the SHA-256 in model_meta.json")
     return OnnxRuntime(path, threads, spec["name"], gpu=gpu)
 
@@ -75,14 +80,6 @@ def load(meta: dict, model_dir: Path, model: torch.nn.Module, device: torch.devi
 def _cuda_provider() -> bool:
     import onnxruntime as ort
     return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_onnx(model: torch.nn.Module, input_size: int, path: Path) -> Path:

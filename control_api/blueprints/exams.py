@@ -13,7 +13,7 @@ import logging
 import uuid
 
 import peewee
-from flask import Response, g, json as flask_json, request
+from flask import Response, g, json as flask_json
 
 from .. import fhir, outcome, report, schemas
 from ..audit import audited, target
@@ -22,10 +22,9 @@ from ..db import db
 from ..errors import ApiError
 from ..models import Exam, utcnow
 from ..pagination import page
-from ..ratelimit import limiter, upload_limit
-from . import Blueprint, uploads
+from . import Blueprint
 from .patients import get_patient
-from .screenings import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY, answer, upload_photograph
+from .screenings import IDEMPOTENCY_HEADER, answer, photograph_route, read_idempotency_key, upload_photograph
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +72,7 @@ def _replay(exam: Exam):
 def create_exam(data, patient_id):
     """Open an exam (a visit); then add its photographs with POST .../exams/{exam_id}/images."""
     patient = get_patient(patient_id)
-    idempotency_key = request.headers.get("Idempotency-Key")
-    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
-        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters.")
+    idempotency_key = read_idempotency_key()
     fingerprint = _fingerprint(patient.id, data)
     if idempotency_key and (earlier := _previous(idempotency_key, fingerprint)):
         return _replay(earlier)
@@ -116,15 +113,7 @@ def read_exam(patient_id, exam_id):
     return outcome.as_json(outcome.evaluate(get_exam(patient_id, exam_id)))
 
 
-@blp.route("/<uuid:exam_id>/images", methods=["POST"])
-@roles(*CLINICAL)
-@uploads
-@audited("screening.create", "screening")
-@limiter.limit(upload_limit)
-@blp.arguments(schemas.ExamImageUpload, location="multipart")
-@blp.response(201, schemas.Screening, description="Stored and graded (or found ungradable)")
-@blp.alt_response(202, schema=schemas.Screening, description="Stored; grading pending (Retry-After)")
-@blp.doc(parameters=[IDEMPOTENCY_HEADER])
+@photograph_route(blp, "/<uuid:exam_id>/images", schemas.ExamImageUpload)
 def add_image(form, patient_id, exam_id):
     """Add one photograph (one eye, one field) to the exam; the answer is the photograph."""
     exam = get_exam(patient_id, exam_id)

@@ -34,7 +34,7 @@ from ..pagination import page
 from ..ratelimit import limiter, regrade_limit, upload_limit
 from ..storage import get_storage, screening_key, sha256_hex
 from ..torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client
-from . import Blueprint, uploads
+from . import Blueprint, shadow, uploads
 from .patients import get_patient
 
 log = logging.getLogger(__name__)
@@ -146,23 +146,49 @@ def _delete_object(key: str) -> None:
         log.error("could not delete object", extra={"key": key, "error_type": type(exc).__name__})
 
 
+def read_idempotency_key() -> str | None:
+    """The request's Idempotency-Key header, if any (400 unless 1-255 printable ASCII characters)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters.")
+    return key
+
+
+def photograph_route(blp: Blueprint, rule: str, form_schema):
+    """The route of a view that takes one photograph through upload_photograph and answers
+    answer(): POST `rule` on `blp` with the upload's roles, body limit, audit action, rate
+    limit, multipart form and documented 201/202 answers (screenings and exams routes)."""
+    stack = [
+        blp.route(rule, methods=["POST"]),
+        roles(*CLINICAL),
+        uploads,
+        audited("screening.create", "screening"),
+        limiter.limit(upload_limit),
+        blp.arguments(form_schema, location="multipart"),
+        blp.response(201, schemas.Screening, description="Stored and graded (or found ungradable)"),
+        blp.alt_response(202, schema=schemas.Screening, description="Stored; grading pending (Retry-After)"),
+        blp.doc(parameters=[IDEMPOTENCY_HEADER]),
+    ]
+
+    def decorate(view):
+        for decorator in reversed(stack):  # as if written one per line above the view, top first
+            view = decorator(view)
+        return view
+    return decorate
+
+
 def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
     """Store, record and grade one photograph: the one upload path of both upload routes.
 
     `exam` None opens an exam of its own for it (in the same transaction as the row). Returns
     (screening, replayed). Whatever fails, nothing half-written stays behind (module docstring).
     """
-    idempotency_key = request.headers.get("Idempotency-Key")
-    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
-        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters.")
+    idempotency_key = read_idempotency_key()
     data = _read_upload(form["image"])
     photo = dicom.photo_from_upload(data, form["image"].mimetype, form, patient)
     sha256 = sha256_hex(data)
     fingerprint = _fingerprint(patient.id, photo, form, sha256, exam.id if exam else None)
-    if idempotency_key and (earlier := _previous(idempotency_key, fingerprint)):
-        target(resource_id=earlier.id)
-        return earlier, True
-    if photo.dicom and (earlier := stored_instance(photo.dicom, patient)):
+    if earlier := _made_before(idempotency_key, fingerprint, photo, patient):
         target(resource_id=earlier.id)
         return earlier, True
     if exam is None and photo.dicom:
@@ -181,12 +207,7 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
         created_by=g.api_key.id, idempotency_key=idempotency_key, request_fingerprint=fingerprint,
         grading_started_at=utcnow())
     prepared = photo.dicom.model_input() if photo.dicom else None
-    early = ask_early(get_client(), screening, data, prepared)  # inference runs while the upload is stored
-    storage = get_storage()
-    with metrics.STORAGE_SECONDS.labels(storage.name, "put").time():
-        storage.put(screening.image_key, data, content_type=photo.content_type, sha256=sha256)
-    if early is not None:
-        futures.wait([early])  # its answer or its exception; grade() below takes it
+    early = _store_while_predicting(screening, data, photo, prepared)
     _fresh_transaction()
     # The row is in the view's transaction (audit.py): if that rolls back, the object goes too.
     on_rollback(lambda: _delete_object(screening.image_key))
@@ -198,11 +219,10 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
             if photo.dicom:
                 record_instance(screening, photo.dicom, source="upload")
     except peewee.IntegrityError:
-        # Two requests with one Idempotency-Key raced; the other one's row won.
+        # Two requests with one Idempotency-Key (or one SOP instance sent twice at once) raced;
+        # the other one's row won.
         _delete_object(screening.image_key)
-        earlier = _previous(idempotency_key, fingerprint) if idempotency_key else None
-        if earlier is None and photo.dicom:
-            earlier = stored_instance(photo.dicom, patient)  # the same SOP instance, sent twice at once
+        earlier = _made_before(idempotency_key, fingerprint, photo, patient)
         if earlier is None:
             raise
         target(resource_id=earlier.id)
@@ -214,7 +234,35 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
     log.info("screening stored", extra={"screening_id": str(screening.id), "patient_id": str(patient.id),
                                         "exam_id": str(exam.id), "bytes": len(data),
                                         "content_type": photo.content_type})
+    _grade_stored(screening, data, photo, prepared, early, new_exam)
+    return screening, False
 
+
+def _made_before(idempotency_key: str | None, fingerprint: str, photo: dicom.Photo, patient) -> Screening | None:
+    """The screening an earlier request made of this one: the same Idempotency-Key (409 if it
+    asked for something else), or the same DICOM SOP instance (409 if another patient's)."""
+    earlier = _previous(idempotency_key, fingerprint) if idempotency_key else None
+    if earlier is None and photo.dicom:
+        earlier = stored_instance(photo.dicom, patient)
+    return earlier
+
+
+def _store_while_predicting(screening: Screening, data: bytes, photo: dicom.Photo, prepared):
+    """Put the object in storage while TorchServe already grades it; the early prediction's
+    future (done: its answer or its exception, which grade() takes), or None."""
+    early = ask_early(get_client(), screening, data, prepared)
+    storage = get_storage()
+    with metrics.STORAGE_SECONDS.labels(storage.name, "put").time():
+        storage.put(screening.image_key, data, content_type=photo.content_type, sha256=screening.image_sha256)
+    if early is not None:
+        futures.wait([early])
+    return early
+
+
+def _grade_stored(screening: Screening, data: bytes, photo: dicom.Photo, prepared, early,
+                  new_exam: Exam | None) -> None:
+    """Grade a screening just stored. TorchServe away: it stays pending (an undecodable image
+    is discarded with its 422 instead). TorchServe rejects it: discarded, 422."""
     try:
         grade(get_client(), screening, data, prepared=prepared, use_cache=True, early=early)
     except (TorchServeUnavailable, UnknownModelVersion) as exc:
@@ -236,7 +284,6 @@ def upload_photograph(patient: Patient, form: dict, exam: Exam | None):
         _discard(screening, new_exam)
         metrics.SCREENINGS.labels("rejected").inc()
         raise ApiError(422, exc.code, exc.message) from None
-    return screening, False
 
 
 def _fresh_transaction() -> None:
@@ -263,15 +310,7 @@ def _exam_in_form(patient: Patient, exam_id) -> Exam | None:
     return exam
 
 
-@blp.route("", methods=["POST"])
-@roles(*CLINICAL)
-@uploads
-@audited("screening.create", "screening")
-@limiter.limit(upload_limit)
-@blp.arguments(schemas.ScreeningUpload, location="multipart")
-@blp.response(201, schemas.Screening, description="Stored and graded (or found ungradable)")
-@blp.alt_response(202, schema=schemas.Screening, description="Stored; grading pending (Retry-After)")
-@blp.doc(parameters=[IDEMPOTENCY_HEADER])
+@photograph_route(blp, "", schemas.ScreeningUpload)
 def create_screening(form, patient_id):
     """Upload one photograph. Without `exam_id` it opens an exam of its own; the exams routes
     (POST .../exams, then .../exams/{exam_id}/images) group a visit's photographs."""
@@ -344,15 +383,16 @@ def read_explanation(patient_id, screening_id):
 @blp.arguments(schemas.GradeRequest, required=False)
 @blp.response(201, schemas.Screening)
 def regrade(args, patient_id, screening_id):
-    """Grade again with the default model, or with a named version (admin only). The earlier
-    gradings stay in the history; a rejected image or unknown version changes nothing."""
+    """Grade again (history kept); with model_version (admin), a trial kept as a shadow grading, never clinical."""
     version = args.get("model_version")
     if version:
         require_role(*ADMIN)
     screening = get_screening(patient_id, screening_id)
     data = get_storage().get(screening.image_key, sha256=screening.image_sha256)
     try:
-        grade(get_client(), screening, data, version)
+        if version:  # a rejected image or unknown version changes nothing, as below
+            return screening, 201, shadow.trial(screening, data, version)
+        grade(get_client(), screening, data, offer_shadow=False)
     except UnknownModelVersion:
         raise ApiError(422, "unknown_model_version", "No model version of that name is registered.") from None
     except ImageRejected as exc:

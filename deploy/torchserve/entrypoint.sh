@@ -17,10 +17,6 @@ set -eu
 # the task's shared volume). The health check reads it through TORCHSERVE_KEY_FILE.
 : "${TS_KEY_DIR:=/home/model-server/keys}"
 export TS_CONFIG_FILE TEMP
-# Which archives to register at start, as TorchServe's --models takes them (NAME=FILE ...).
-# The default is the archive baked into the image; a mounted model store can name others.
-: "${SERVE_MODELS:=dr=dr_${MODEL_VERSION:?set MODEL_VERSION or SERVE_MODELS}.mar}"
-
 if [ "$#" -gt 0 ]; then
   exec "$@"  # e.g. `docker run IMAGE torchserve --version` or a shell for debugging
 fi
@@ -35,6 +31,15 @@ for mar in "$BAKED_MODELS"/*.mar; do
   [ -e "$mar" ] || continue
   [ -e "$MODEL_PATH/${mar##*/}" ] || cp "$mar" "$MODEL_PATH/"
 done
+
+# Which archives to register at start, as TorchServe's --models takes them (NAME=FILE ...).
+# 1. SERVE_MODELS when set; 2. else what `promote` saved in the model store (.defaults.json:
+# the promoted default first, then the other registered versions), so a restart comes back on
+# the promoted version; 3. else the archive baked into the image, dr_$MODEL_VERSION.mar.
+if [ -z "${SERVE_MODELS:-}" ]; then
+  SERVE_MODELS=$(python -m scripts.serving.registry --model-store "$MODEL_PATH" serve-models dr 2>/dev/null || true)
+fi
+: "${SERVE_MODELS:=dr=dr_${MODEL_VERSION:?set MODEL_VERSION or SERVE_MODELS}.mar}"
 
 mkdir -p "$TS_KEY_DIR"
 cd "$TS_KEY_DIR"

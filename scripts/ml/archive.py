@@ -29,7 +29,7 @@ import torch
 from handlers import engine as engines
 from handlers import fundus, quality
 from handlers.network import ARCHS, DRNet
-from scripts.files import sha256_file
+from handlers.checksum import sha256_file
 from scripts.ml.card import GENERAL_DISCLAIMER, SYNTHETIC_DISCLAIMER, archive_card
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ def float32_state_dict(ck: dict) -> tuple[dict, int]:
 def calibration_batches(folder: Path, ck: dict, limit: int = 64, batch: int = 8) -> list:
     """Preprocessed gradable crops of up to `limit` images in `folder`, in batches, for int8 ranges."""
     cfg = fundus.PreprocessConfig.from_dict(ck["preprocess"])
-    thresholds = fundus.QualityThresholds.from_dict(ck["quality"])
+    thresholds = quality.QualityThresholds.from_dict(ck["quality"])
     tensors = []
     for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
         try:
@@ -141,6 +141,9 @@ def model_meta(ck: dict, name: str, version: str, weights_sha256: str) -> dict:
         "synthetic": synthetic,
         "disclaimer": SYNTHETIC_DISCLAIMER if synthetic else GENERAL_DISCLAIMER,
         "dataset": {k: ck["dataset"].get(k) for k in ("name", "format", "fingerprint", "synthetic", "counts")},
+        # Held-out metrics and grade counts (scripts.ml.evaluate's summary): the card's numbers, read
+        # back by the promotion gate and by the API's drift alerts (predicted grade shares).
+        "held_out": (ck.get("metrics") or {}).get("test"),
         "code_revision": ck.get("code_revision", "unknown"),
         "trained_at": ck.get("created_at"),
         "archived_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -161,7 +164,7 @@ def model_config_yaml(batch_size: int, max_batch_delay: int, workers: int | None
 def archive(checkpoint: Path, version: str, *, name: str = "dr", model_store: Path = REPO / "model_store",
             batch_size: int = 8, max_batch_delay: int = 5, workers: int | None = None,
             response_timeout: int = 60, torch_threads: int | None = 1, engine: str = "eager",
-            calibration_dir: Path | None = None) -> Path:
+            calibration_dir: Path | None = None, require_held_out: bool = False) -> Path:
     """Write <model_store>/<name>_<version>.mar and its card <name>_<version>.md; return the .mar path."""
     if not _NAME.match(name):
         raise ArchiveError(f"invalid model name {name!r}: letters, digits, '_' and '-'")
@@ -179,6 +182,10 @@ def archive(checkpoint: Path, version: str, *, name: str = "dr", model_store: Pa
     if target.exists():
         raise ArchiveError(f"{target} already exists: archived versions are immutable, choose a new --version")
     ck = load_checkpoint(Path(checkpoint))
+    if require_held_out and not (ck.get("metrics") or {}).get("test"):
+        raise ArchiveError(f"{checkpoint} has no held-out metrics: run `python -m scripts.ml.evaluate --checkpoint "
+                           f"{checkpoint} --data DIR --out DIR` first (it stores them in the checkpoint), or pass "
+                           "--without-held-out-metrics for a test archive")
     state, n_params = float32_state_dict(ck)
 
     model_store.mkdir(parents=True, exist_ok=True)
@@ -238,13 +245,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU inference engine (onnx: ONNX Runtime; Grad-CAM stays eager)")
     p.add_argument("--calibration-dir", type=Path, default=None,
                    help="training images whose crops calibrate --engine onnx-int8")
+    p.add_argument("--without-held-out-metrics", action="store_true",
+                   help="archive a checkpoint that scripts.ml.evaluate has not measured (test fixtures only: "
+                        "the card says so and promote refuses the version)")
     args = p.parse_args(argv)
     try:
         path = archive(args.checkpoint, args.version, name=args.name, model_store=args.model_store,
                        batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
                        workers=args.workers, response_timeout=args.response_timeout,
                        torch_threads=args.torch_threads, engine=args.engine,
-                       calibration_dir=args.calibration_dir)
+                       calibration_dir=args.calibration_dir, require_held_out=not args.without_held_out_metrics)
     except ArchiveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -50,8 +50,13 @@ def archive_card(ck: dict, meta: dict, n_params: int) -> str:
     if metrics:
         lines += ["| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics]
+        if isinstance(meta.get("held_out"), dict) and meta["held_out"].get("referable_definition"):
+            lines += ["", f"Referable sensitivity/specificity: {meta['held_out']['referable_definition']}."]
     else:
         lines += ["None recorded in the checkpoint."]
+    if not meta.get("held_out"):
+        lines += ["", "**No held-out metrics**: `promote` refuses this version. Run `scripts.ml.evaluate` on "
+                  "held-out images, then archive again under a new version."]
     if meta["synthetic"]:
         lines += ["", "Metrics on synthetic images do not estimate clinical accuracy."]
     lines += [

@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from scripts.ml import evaluate, synth, train  # noqa: E402
-from scripts.files import sha256_file  # noqa: E402
+from handlers.checksum import sha256_file  # noqa: E402
 from scripts.ml.card import demo_card  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from handlers import fundus, quality
 from scripts.ml import datasets
-from scripts.files import sha256_file
+from handlers.checksum import sha256_file
 from scripts.ml.train import GRADE_LABELS, load_checkpoint, predict, qwk, save_atomic
 
 CI_LEVEL = 0.95
@@ -157,16 +157,22 @@ def plot_history(history: list[dict], path: Path, title: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    ep = [h["epoch"] for h in history]
+    ep = [int(h["epoch"]) for h in history]
+    best = max(history, key=lambda h: (h["val_qwk"], -h["val_loss"]))  # the epoch train.py keeps
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
-    a1.plot(ep, [h["train_loss"] for h in history], label="train loss")
-    a1.plot(ep, [h["val_loss"] for h in history], label="validation loss")
-    a1.set_xlabel("epoch")
+    a1.plot(ep, [h["train_loss"] for h in history], marker=".", label="train loss")
+    a1.plot(ep, [h["val_loss"] for h in history], marker=".", label="validation loss")
+    a2.plot(ep, [h["val_qwk"] for h in history], marker=".", label="validation QWK")
+    a2.plot(ep, [h["val_accuracy"] for h in history], marker=".", label="validation accuracy")
+    a2.plot([best["epoch"]], [best["val_qwk"]], "*", color="crimson", markersize=12,
+            label=f"best epoch {best['epoch']} (kept)")
+    for ax in (a1, a2):
+        ax.axvline(best["epoch"], color="crimson", lw=0.8, ls="--")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     a1.legend()
-    a2.plot(ep, [h["val_qwk"] for h in history], label="validation QWK")
-    a2.plot(ep, [h["val_accuracy"] for h in history], label="validation accuracy")
-    a2.set_xlabel("epoch")
     a2.set_ylim(0, 1.02)
     a2.legend(loc="lower right")
     fig.suptitle(title, fontsize=9)
@@ -258,6 +264,8 @@ def evaluate(checkpoint: Path, data_dir: Path, out: Path, csv_path: Path | None 
         "metrics": metrics,
         "operating_point": op,
         "confusion_matrix": {"labels": GRADE_LABELS, "rows_true_cols_predicted": cm.tolist()},
+        "predicted_counts": cm.sum(axis=0).tolist(),
+        "referable_definitions": referable_definitions(ref, op),
         "bootstrap": {"resamples": n_boot, "seed": seed, "level": CI_LEVEL, "method": "percentile"},
         "note": ("Synthetic images: these numbers describe the synthetic task only and say nothing about "
                  "clinical accuracy." if synthetic else "Held-out evaluation; not a clinical validation."),
@@ -277,6 +285,43 @@ def evaluate(checkpoint: Path, data_dir: Path, out: Path, csv_path: Path | None 
     return result
 
 
+REFERABLE_BY_GRADE = "referable = predicted grade >= {ref} (what serving answers)"
+REFERABLE_BY_PROBABILITY = ("referable = P(grade >= {ref}) >= {threshold:.4f}, an operating point for "
+                            "{target:.0%} sensitivity chosen on {chosen_on} (NOT used in serving)")
+
+
+def referable_definitions(ref: int, op: dict) -> dict:
+    """The two referable definitions, named: by predicted grade (served) and by a probability threshold."""
+    return {"referable_sensitivity/specificity": REFERABLE_BY_GRADE.format(ref=ref),
+            "operating_point": REFERABLE_BY_PROBABILITY.format(ref=ref, threshold=op["threshold"],
+                                                               target=op["target_sensitivity"],
+                                                               chosen_on=op["chosen_on"])}
+
+
+def text_summary(result: dict) -> str:
+    """What evaluate prints: the two referable definitions named, never two bare pairs."""
+    m, op, ref = result["metrics"], result["operating_point"], result["referable_threshold"]
+    definitions = referable_definitions(ref, op)
+
+    def line(label, metric):
+        v, ci = metric["value"], metric["ci95"]
+        return f"  {label:34s} {v:.4f}  (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if v is not None else f"  {label:34s} n/a"
+
+    d = result["data"]
+    out = [f"held-out: {d['n']} images of {d['name']} ({d['images']})"
+           + (" - synthetic" if d.get("synthetic") else ""),
+           line("quadratic weighted kappa", m["quadratic_kappa"]), line("accuracy", m["accuracy"]),
+           definitions["referable_sensitivity/specificity"] + ":",
+           line("sensitivity", m["referable_sensitivity"]), line("specificity", m["referable_specificity"]),
+           f"P(grade >= {ref}) as a score:", line("AUC", m["referable_auc"]),
+           definitions["operating_point"] + ":",
+           line("sensitivity", op["test_sensitivity"]), line("specificity", op["test_specificity"])]
+    collapsed = len([c for c in result["predicted_counts"] if c]) == 1 if "predicted_counts" in result else False
+    if collapsed:
+        out.append("WARNING: the model predicted ONE grade for every held-out image; its kappa is meaningless")
+    return "\n".join(out)
+
+
 def write_predictions(path: Path, names, y, probs, ref: int) -> None:
     """One row per image, for error analysis."""
     with open(path, "w", newline="") as f:
@@ -289,6 +334,9 @@ def write_predictions(path: Path, names, y, probs, ref: int) -> None:
 def summary(result: dict) -> dict:
     """The checkpoint's `metrics.test` entry: values with their CIs and the operating point."""
     return {"images": result["data"]["n"], "data": result["data"]["name"],
+            "counts": result["data"]["counts"], "predicted_counts": result.get("predicted_counts"),
+            "ungradable": len(result["data"]["ungradable_left_out"]),
+            "referable_definition": REFERABLE_BY_GRADE.format(ref=result["referable_threshold"]),
             **{k: result["metrics"][k] for k in ("quadratic_kappa", "accuracy", "referable_sensitivity",
                                                   "referable_specificity", "referable_auc")},
             "operating_point": {k: result["operating_point"][k] for k in ("target_sensitivity", "threshold")}}
@@ -315,7 +363,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--write-metrics", action="store_true", help="also store the summary in the checkpoint")
+    ap.add_argument("--no-write-metrics", dest="write_metrics", action="store_false",
+                    help="do not store the held-out summary in the checkpoint (by default it is, so that "
+                         "the archive's model card and the promotion gate have it)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     result = evaluate(args.checkpoint, args.data, args.out, args.csv, args.target_sensitivity, args.bootstrap,
@@ -323,14 +373,9 @@ def main(argv=None):
                       (args.train_data, args.train_csv) if args.train_data else None)
     if args.write_metrics:
         record_in_checkpoint(args.checkpoint, result)
-    m = result["metrics"]
-    for k in ("quadratic_kappa", "accuracy", "referable_sensitivity", "referable_specificity", "referable_auc"):
-        v, ci = m[k]["value"], m[k]["ci95"]
-        print(f"{k:24s} {v:.4f}  (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if v is not None else f"{k:24s} n/a")
-    op = result["operating_point"]
-    print(f"operating point: P(referable) >= {op['threshold']:.4f} -> sensitivity "
-          f"{op['test_sensitivity']['value']:.4f}, specificity {op['test_specificity']['value']:.4f} "
-          f"({op['chosen_on']})")
+    print(text_summary(result))
+    if args.write_metrics:
+        print(f"held-out metrics stored in {args.checkpoint} (the archive's model card takes them from there)")
     print(f"wrote {args.out / 'evaluation.json'}")
 
 

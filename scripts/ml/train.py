@@ -23,6 +23,7 @@ import copy  # noqa: E402
 import datetime as dt  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -205,6 +206,7 @@ def train(args) -> dict:
         row = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_accuracy": round(train_accuracy, 5),
                "val_loss": round(val_loss, 5), "val_qwk": round(qwk(y_val, pred), 5),
                "val_accuracy": round(float((pred == y_val).mean()), 5),
+               "val_predicted_grades": sorted({int(g) for g in pred}),
                "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - te, 2)}
         history.append(row)
         train_s += row["seconds"]
@@ -212,6 +214,8 @@ def train(args) -> dict:
                 (row["val_qwk"] == best["val_qwk"] and row["val_loss"] < best["val_loss"]):
             best, best_state = dict(row), copy.deepcopy(model.state_dict())
         _print_epoch(row, best)
+        if len(row["val_predicted_grades"]) == 1 and len(set(y_val.tolist())) > 1:
+            print(collapse_warning(row["val_predicted_grades"][0], f"epoch {epoch}"), flush=True)
         ck = checkpoint_dict(args, data["described"], data["cfg"], data["thresholds"], best_state, best, history,
                              revision, _run_info(data, train_s, weights))
         save_atomic(ck, args.out)
@@ -224,6 +228,9 @@ def train(args) -> dict:
     if ck is None:
         raise SystemExit(f"nothing to do: the run already finished {args.epochs} epochs")
     print(f"best epoch {best['epoch']}: val QWK {best['val_qwk']:.4f}; wrote {args.out}")
+    if len(best.get("val_predicted_grades", [0, 1])) == 1:
+        print(collapse_warning(best["val_predicted_grades"][0], f"the kept (best) epoch {best['epoch']}"),
+              file=sys.stderr, flush=True)
     return ck
 
 
@@ -317,6 +324,15 @@ def _run_info(data: dict, train_s: float, weights) -> dict:
             "train_images": len(data["train"]), "val_images": len(data["val"]),
             "ungradable_left_out": len(data["rejected"]),
             "class_weights": None if weights is None else [round(float(w), 4) for w in weights]}
+
+
+def collapse_warning(grade: int, when: str) -> str:
+    """Loud: a model that answers one grade for everything must not slip through unnoticed."""
+    line = "!" * 78
+    return (f"{line}\nWARNING: at {when} the model predicted grade {grade} ({GRADE_LABELS[grade]}) for EVERY "
+            f"validation image.\nIts validation QWK says nothing; it has learned the class prior, not the "
+            f"images. Train longer,\ncheck the labels and class balance, or lower the learning rate. "
+            f"`promote` will refuse it.\n{line}")
 
 
 def checkpoint_dict(args, described, cfg, thresholds, best_state, best, history, revision, run_info) -> dict:

@@ -84,6 +84,9 @@ class Management:
             raise ManagementError(f"TorchServe management API not reachable at {self.url}: {exc}") from None
         except KeyFileError as exc:
             raise ManagementError(f"TorchServe management key: {exc}") from None
+        except requests.Timeout:
+            raise ManagementError(f"{method} {path}: TorchServe did not answer within {self.timeout:g}s "
+                                  "(busy? see its ts_log.log)") from None
         if r.status_code >= 400:
             try:
                 detail = r.json().get("message") or r.text
@@ -101,11 +104,24 @@ class Management:
         """GET /models/NAME[/VERSION]: the default version's (or VERSION's) description, in a list."""
         return self.call("GET", f"/models/{name}" + (f"/{version}" if version else ""))
 
-    def wait_ready(self, name: str, version: str | None = None, timeout: float = 120, interval: float = 0.5) -> None:
-        """Until a worker of NAME (VERSION, else the default) is READY; ManagementError after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while not any_ready(self.describe(name, version)):
-            if time.monotonic() > deadline:
+    def wait_ready(self, name: str, version: str | None = None, timeout: float = 120, interval: float = 0.5,
+                   say=None) -> None:
+        """Until a worker of NAME (VERSION, else the default) is READY; ManagementError after `timeout`.
+        `say`, when given, hears the workers' states every 5 s (the models CLI's progress)."""
+        started = time.monotonic()
+        last_said = None
+        while True:
+            described = self.describe(name, version)
+            if any_ready(described):
+                return
+            states = [w.get("status") for d in described for w in d.get("workers") or []]
+            now = time.monotonic()
+            if now - started > timeout:
                 raise ManagementError(f"{name} {version or '(default)'}: no worker READY after {timeout:.0f}s "
-                                      "(see TorchServe's model_log.log)")
+                                      f"({len(states)} workers: {', '.join(states) or 'none'}; "
+                                      "see TorchServe's model_log.log)")
+            if say and (last_said is None or now - last_said >= 5):
+                last_said = now
+                summary = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) or "no workers yet"
+                say(f"waiting for {name} {version or '(default)'}: {summary} ({now - started:.0f}s of {timeout:.0f}s)")
             time.sleep(interval)

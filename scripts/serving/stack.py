@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from scripts.serving.processes import REPO, DicomReceiver, Gunicorn, Process, SeaweedS3, TorchServe, flask_cli
+from scripts.serving.model_state import HISTORY_FILE, History
 
 DEMO_CHECKPOINT = REPO / "models" / "demo" / "checkpoint.pt"
 DEMO_VERSION = "1.0"
@@ -144,9 +145,10 @@ class Supervisor:
 
     MAX_BACKOFF, STABLE = 60.0, 300.0
 
-    def __init__(self, processes: list, after_start: dict | None = None):
+    def __init__(self, processes: list, after_start: dict | None = None, before_start: dict | None = None):
         self.processes = processes
         self.after_start = after_start or {}  # process -> callable run after it starts (readiness)
+        self.before_start = before_start or {}  # process -> callable run before it starts again
         self.backoff = {id(p): 1.0 for p in processes}
         self.started = {id(p): time.monotonic() for p in processes}
         self.due: dict[int, float] = {}
@@ -170,6 +172,8 @@ class Supervisor:
             self.backoff[key] = min(self.MAX_BACKOFF, self.backoff[key] * 2)
             try:
                 p.stop()
+                if p in self.before_start:
+                    self.before_start[p]()
                 p.start()
                 if p in self.after_start:
                     self.after_start[p]()
@@ -180,13 +184,23 @@ class Supervisor:
                 print(f"{p.name} did not start: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
 
 
+def served_models() -> str:
+    """TorchServe's --models: the promoted default and the other registered versions, as `promote`
+    saved them in the model store (scripts/serving/model_state.py); the demo version when nothing
+    was promoted yet. Read at every start, so a restarted TorchServe comes back on the promoted one."""
+    saved = History(MODEL_STORE / HISTORY_FILE).serve_models(MODEL_NAME, MODEL_STORE)
+    models = saved or f"{MODEL_NAME}=dr_{DEMO_VERSION}.mar"
+    print(f"TorchServe models: {models}" + (f" (saved in {MODEL_STORE / HISTORY_FILE})" if saved else ""),
+          flush=True)
+    return models
+
+
 def run(args: argparse.Namespace) -> int:
     ensure_demo_model()
     VAR.mkdir(exist_ok=True)
     processes = []
     stop = threading.Event()
-    ts = TorchServe(VAR / "torchserve", MODEL_STORE, models=f"{MODEL_NAME}=dr_{DEMO_VERSION}.mar",
-                    ports=tuple(args.torchserve_ports))
+    ts = TorchServe(VAR / "torchserve", MODEL_STORE, models=served_models(), ports=tuple(args.torchserve_ports))
     # Embedded defaults (SQLite var/clarity.db, images in var/images) are the settings' own,
     # relative to the repository root where gunicorn and the CLI run.
     env = {**ts.settings_env(), "TORCHSERVE_MODEL_NAME": MODEL_NAME}
@@ -233,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
         # set explicitly: a shell starting this in the background would have it ignored.
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)
-        supervisor = Supervisor(processes, after_start={ts: lambda: ts.wait_model_ready(MODEL_NAME)})
+        supervisor = Supervisor(processes, after_start={ts: lambda: ts.wait_model_ready(MODEL_NAME)},
+                                before_start={ts: lambda: setattr(ts, "models", served_models())})
         while True:
             time.sleep(0.5)
             supervisor.tick()

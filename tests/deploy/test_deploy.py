@@ -606,7 +606,7 @@ def test_api_image_installs_what_the_api_imports_and_no_torch(api_df):
 def test_serve_image_installs_what_the_handler_and_tools_import():
     req = requirement_names(DEPLOY / "requirements-serve.txt")
     files = [*(REPO / "handlers").glob("*.py"), DEPLOY / "healthcheck.py", REPO / "control_api" / "torchserve_keys.py",
-             *(REPO / "scripts" / "serving" / name for name in ("management.py", "registry.py"))]
+             *(REPO / "scripts" / "serving" / name for name in ("management.py", "registry.py", "model_state.py", "gate.py"))]
     local = {"handlers", "scripts", "control_api"} | {p.stem for p in (REPO / "handlers").glob("*.py")}  # the .mar's flat copies
     modules = third_party_imports(files, local=local)
     installed = installed_closure(req)
@@ -680,9 +680,11 @@ def test_serve_image_healthcheck_asks_for_a_ready_worker(serve_df, default_setti
     cmd = healthcheck_command(serve_df)
     assert cmd[:2] == ["python", "/home/model-server/healthcheck.py"]
     assert copied_to(serve_df, "deploy/healthcheck.py") == "/home/model-server/healthcheck.py"
-    # It counts READY workers with the tools' management client: copied where PYTHONPATH finds it.
+    # It counts READY workers with the tools' management client: copied where PYTHONPATH finds it,
+    # as is the models CLI with what it imports (the entrypoint runs its serve-models at start).
     pythonpath = " ".join(i.args for i in serve_df.of("ENV", serve_df.final_stage)).split("PYTHONPATH=")[1].split()[0]
     for module in ("scripts/__init__.py", "scripts/serving/__init__.py", "scripts/serving/management.py",
+                   "scripts/serving/registry.py", "scripts/serving/model_state.py", "scripts/serving/gate.py",
                    "control_api/torchserve_keys.py"):
         assert copied_to(serve_df, module) == f"{pythonpath}/{module}"
     assert cmd[cmd.index("--model") + 1] == default_settings.torchserve_model_name

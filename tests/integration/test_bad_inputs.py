@@ -104,7 +104,7 @@ def same_name(expected: str):
 def key_is_uuid(ctx: Ctx, response):
     sid = response.json()["id"]
     keys = {o["Key"] for o in ctx.stack.s3.client().list_objects_v2(
-        Bucket=ctx.stack.s3.bucket, Prefix=f"screenings/{sid}").get("Contents", [])}
+        Bucket=ctx.stack.bucket, Prefix=f"screenings/{sid}").get("Contents", [])}
     assert keys == {f"screenings/{sid}"}
 
 

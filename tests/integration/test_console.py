@@ -150,7 +150,10 @@ def dark_jpeg() -> bytes:
 
 
 def new_visit(c: Console, key: str, name: str) -> tuple[str, str]:
-    """A patient (made through the API) and a visit opened in the console: (patient id, exam id)."""
+    """Signed in with `key`, a patient (made through the API) and a visit opened in the console:
+    (patient id, exam id)."""
+    c.sign_in(key)
+    expect(c.page.get_by_role("heading", name="Patients")).to_be_visible()
     patient = api(c.stack, key, "POST", "/patients", json={"name": name, "birth_date": "1950-05-06"})
     assert patient.status_code == 201, patient.text
     pid = patient.json()["id"]
@@ -324,8 +327,6 @@ def test_ungradable_photograph(console, stack, keys):
     """A too-dark photograph: the eye says so with the quality gate's reasons; the outcome is the API's."""
     c = console()
     key = keys["clinician"]
-    c.sign_in(key)
-    expect(c.page.get_by_role("heading", name="Patients")).to_be_visible()
     pid, exam_id = new_visit(c, key, "Ungradable Example")
     add_photos(c, "left", "Macula-centred", [{"name": "dark.jpg", "mimeType": "image/jpeg", "buffer": dark_jpeg()}])
     exam = wait_settled(c, stack, key, pid, exam_id, photos=1)
@@ -347,8 +348,6 @@ def test_4xx_is_explained_and_nothing_is_stored(console, stack, keys):
     """A file that is no photograph: the API's 4xx message is shown, and the visit stays empty."""
     c = console()
     key = keys["clinician"]
-    c.sign_in(key)
-    expect(c.page.get_by_role("heading", name="Patients")).to_be_visible()
     pid, exam_id = new_visit(c, key, "Refused Upload Example")
     add_photos(c, "right", "Disc-centred", [{"name": "notes.jpg", "mimeType": "image/jpeg",
                                              "buffer": b"these are clinic notes, not a photograph\n" * 20}])
@@ -368,8 +367,6 @@ def test_network_error_retries_with_the_same_idempotency_key(console, stack, key
     Idempotency-Key, the API replays, and the visit has the photograph once."""
     c = console()
     key = keys["clinician"]
-    c.sign_in(key)
-    expect(c.page.get_by_role("heading", name="Patients")).to_be_visible()
     pid, exam_id = new_visit(c, key, "Retry Example")
     seen = []
 
@@ -437,8 +434,6 @@ def test_a_pending_photograph_becomes_a_result_without_a_reload(browser, make_st
     key = offline.key("clinician")["Authorization"].split(" ", 1)[1]
     c = Console(browser, offline, "pending_photograph")
     try:
-        c.sign_in(key)
-        expect(c.page.get_by_role("heading", name="Patients")).to_be_visible()
         pid, exam_id = new_visit(c, key, "Pending Example")
         add_photos(c, "right", "Disc-centred", [sorted(SAMPLES.glob("*.jpg"))[4]])
         expect(c.page.locator("li.upload .upload-status")).to_have_text("Stored; grading pending.")

@@ -18,7 +18,7 @@ from pydicom import uid as uids
 
 from control_api.db import database_for
 from control_api.models import MODELS, DicomInstance, DicomReport, Patient, Screening
-from scripts.serving.processes import DicomReceiver, Orthanc, PostgresDatabase, flask_cli, free_port
+from scripts.serving.processes import DicomReceiver, Orthanc, flask_cli, free_port
 from tests.plugins.dicom import PHI_VALUES, bad_dicom, op_file, small_jpeg
 
 pytestmark = pytest.mark.integration
@@ -32,16 +32,9 @@ def sample_jpeg(name: str = "idrid_01.jpg") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def database(pg_database):
-    scratch = PostgresDatabase(pg_database.admin_url, prefix="clarity_dicom").create()
-    yield scratch.url
-    scratch.drop()
-
-
-@pytest.fixture(scope="module")
-def rx_env(tmp_path_factory, database, torchserve):
+def rx_env(tmp_path_factory, scratch_database, torchserve):
     root = tmp_path_factory.mktemp("dicom")
-    env = {"DATABASE_URL": database, "STORAGE_BACKEND": "local", "LOCAL_STORAGE_DIR": str(root / "images"),
+    env = {"DATABASE_URL": scratch_database.url, "STORAGE_BACKEND": "local", "LOCAL_STORAGE_DIR": str(root / "images"),
            **torchserve.settings_env(), "TORCHSERVE_TIMEOUT_SECONDS": "60",
            "DICOM_ALLOWED_AE_TITLES": ALLOWED, "LOG_LEVEL": "DEBUG"}
     result = flask_cli(env, "migrate")
@@ -81,8 +74,8 @@ def orthanc(peers):
 
 
 @pytest.fixture(scope="module")
-def rows(database):
-    db = database_for(database)
+def rows(scratch_database):
+    db = database_for(scratch_database.url)
 
     def query(fn):
         with db.bind_ctx(MODELS), db.connection_context():

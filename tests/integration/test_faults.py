@@ -25,35 +25,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from scripts.serving.processes import REPO, PostgresDatabase, wait_for
-from tests.support.harness import TcpProxy, jpeg, new_patient, problems, upload
+from scripts.serving.processes import REPO, wait_for
+from tests.support.harness import jpeg, new_patient, problems, upload
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def pg_proxy():
-    proxy = TcpProxy().up()
-    yield proxy
-    proxy.down()
-
-
-@pytest.fixture(scope="module")
-def database():
-    try:
-        db = PostgresDatabase(prefix="clarity_faults").create()
-    except Exception as exc:
-        pytest.fail(f"PostgreSQL is required and not reachable: {exc}", pytrace=False)
-    yield db
-    db.drop()
-
-
-@pytest.fixture(scope="module")
-def stack(make_stack, database, pg_proxy):
-    proxied = database.url.replace("127.0.0.1:5432", f"127.0.0.1:{pg_proxy.port}")
-    assert proxied != database.url
-    return make_stack(shared_torchserve=False, shared_s3=False, database=database, name="faults",
-                      api_env={"DATABASE_URL": proxied, "TORCHSERVE_TIMEOUT_SECONDS": "10"})
+def stack(make_stack, scratch_database, pg_proxy):
+    return make_stack(shared_torchserve=False, shared_s3=False, database=scratch_database, name="faults",
+                      api_env={"DATABASE_URL": pg_proxy.url_through(scratch_database.url),
+                               "TORCHSERVE_TIMEOUT_SECONDS": "10"})
 
 
 @pytest.fixture(scope="module")
@@ -354,9 +336,9 @@ def test_reconcile_repairs_orphans_in_both_directions(stack, clinician):
     assert doomed.status_code == 201
     doomed_id = doomed.json()["id"]
     s3 = stack.s3.client()
-    s3.delete_object(Bucket=stack.s3.bucket, Key=f"screenings/{doomed_id}")
+    s3.delete_object(Bucket=stack.bucket, Key=f"screenings/{doomed_id}")
     orphan_key = "screenings/00000000-0000-4000-8000-00000000beef"
-    s3.put_object(Bucket=stack.s3.bucket, Key=orphan_key, Body=jpeg(seed=502), ServerSideEncryption="AES256")
+    s3.put_object(Bucket=stack.bucket, Key=orphan_key, Body=jpeg(seed=502), ServerSideEncryption="AES256")
 
     assert stack.check_storage().returncode == 1
     gone = requests.get(f"{stack.url}/api/v1/patients/{pid}/screenings/{doomed_id}/image", headers=clinician,

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from scripts.serving.processes import REPO, PostgresDatabase, free_port, wait_for
+from scripts.serving.processes import REPO, free_port, wait_for
 from tests.support.harness import TcpProxy, jpeg, new_patient, problems
 
 pytestmark = pytest.mark.integration
@@ -83,23 +83,6 @@ class Gate:
 
 
 @pytest.fixture(scope="module")
-def database():
-    try:
-        db = PostgresDatabase(prefix="clarity_harden").create()
-    except Exception as exc:
-        pytest.fail(f"PostgreSQL is required and not reachable: {exc}", pytrace=False)
-    yield db
-    db.drop()
-
-
-@pytest.fixture(scope="module")
-def pg_proxy():
-    proxy = TcpProxy().up()
-    yield proxy
-    proxy.down()
-
-
-@pytest.fixture(scope="module")
 def s3_proxy(s3_server):
     proxy = TcpProxy(("127.0.0.1", s3_server.ports["s3"])).up()
     yield proxy
@@ -114,23 +97,12 @@ def gate(torchserve):
 
 
 @pytest.fixture(scope="module")
-def stack(make_stack, database, pg_proxy, s3_proxy, gate):
-    stack = make_stack(name="hardening-faults", database=database, api_env={
-        "DATABASE_URL": database.url.replace("127.0.0.1:5432", f"127.0.0.1:{pg_proxy.port}"),
+def stack(make_stack, scratch_database, pg_proxy, s3_proxy, gate):
+    return make_stack(name="hardening-faults", database=scratch_database, api_env={
+        "DATABASE_URL": pg_proxy.url_through(scratch_database.url),
         "S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_proxy.port}", "TORCHSERVE_INFERENCE_URL": gate.url,
         # The database's deadline follows: 10 / 3 s (DATABASE_STATEMENT_TIMEOUT_SECONDS unset).
         "TORCHSERVE_TIMEOUT_SECONDS": "10"})
-    # The S3 server is the session's, shared with other modules' stacks: their objects are not
-    # orphans of this one.
-    stack.foreign_objects = stack.object_keys()
-    return stack
-
-
-def own_problems(stack) -> list[str]:
-    """problems() of this stack's consistency report, leaving out other modules' objects."""
-    report = stack.consistency()
-    report["objects_without_row"] = sorted(set(report["objects_without_row"]) - stack.foreign_objects)
-    return problems(report)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +180,7 @@ def test_two_background_graders_grade_each_pending_screening_once(stack, clinici
         for worker in workers:
             assert worker.wait(timeout=30) == 0
     assert [status_of(stack, sid)[2] for sid in ids] == [1] * 6, "each graded exactly once"
-    assert not own_problems(stack)
+    assert not problems(stack.consistency())
     assert backlog(stack) == {"clarity_pending_screenings": 0.0, "clarity_pending_oldest_age_seconds": 0.0}
 
 

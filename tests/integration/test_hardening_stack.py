@@ -15,20 +15,10 @@ import psutil
 import pytest
 import requests
 
-from scripts.serving.processes import REPO, PostgresDatabase, flask_cli, free_port, wait_for
+from scripts.serving.processes import REPO, flask_cli, free_port, wait_for
 from tests.support.harness import jpeg, phi_patient
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def database():
-    try:
-        db = PostgresDatabase(prefix="clarity_stackrun").create()
-    except Exception as exc:
-        pytest.fail(f"PostgreSQL is required and not reachable: {exc}", pytrace=False)
-    yield db
-    db.drop()
 
 
 def _up(url: str) -> bool:
@@ -38,10 +28,10 @@ def _up(url: str) -> bool:
         return False
 
 
-def test_make_run_survives_torchserve_dying(tmp_path, model_store, database):
+def test_make_run_survives_torchserve_dying(tmp_path, model_store, scratch_database):
     port, ts_ports = free_port(), [free_port(), free_port(), free_port()]
     env = {**os.environ, "PYTHONPATH": str(REPO), "STACK_VAR": str(tmp_path / "var"), "MODEL_PATH": str(model_store),
-           "DATABASE_URL": database.url, "LOCAL_STORAGE_DIR": str(tmp_path / "images"), "TORCHSERVE_TIMEOUT_SECONDS": "10"}
+           "DATABASE_URL": scratch_database.url, "LOCAL_STORAGE_DIR": str(tmp_path / "images"), "TORCHSERVE_TIMEOUT_SECONDS": "10"}
     log = open(tmp_path / "stack.log", "wb")
     stack = subprocess.Popen([sys.executable, "-m", "scripts.serving.stack", "run", "--port", str(port),
                               "--torchserve-ports", *map(str, ts_ports)], cwd=REPO, env=env, stdout=log,
@@ -50,7 +40,7 @@ def test_make_run_survives_torchserve_dying(tmp_path, model_store, database):
     try:
         wait_for(lambda: _up(f"{base}/healthz") or stack.poll() is not None, 240, "make run")
         assert stack.poll() is None, (tmp_path / "stack.log").read_text()[-3000:]
-        api_env = {"DATABASE_URL": database.url, "LOCAL_STORAGE_DIR": str(tmp_path / "images")}
+        api_env = {"DATABASE_URL": scratch_database.url, "LOCAL_STORAGE_DIR": str(tmp_path / "images")}
         key = {"Authorization": "Bearer " + flask_cli(api_env, "keys", "create", "--role", "clinician").stdout.strip()}
         admin = {"Authorization": "Bearer " + flask_cli(api_env, "keys", "create", "--role", "admin").stdout.strip()}
         pid = requests.post(f"{base}/api/v1/patients", headers=key, json=phi_patient("stackrun"), timeout=30).json()["id"]
@@ -92,17 +82,17 @@ def test_deleting_a_patient_removes_every_version_of_their_photographs(make_stac
 
     stack = make_stack(shared_s3=False, name="versioned")
     s3 = stack.s3.client()
-    s3.put_bucket_versioning(Bucket=stack.s3.bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_bucket_versioning(Bucket=stack.bucket, VersioningConfiguration={"Status": "Enabled"})
     key = stack.key("clinician")
     pid = new_patient(stack, key, "versioned")
     sids = [requests.post(f"{stack.url}/api/v1/patients/{pid}/screenings", headers=key, timeout=60,
                           files={"image": ("e.jpg", io.BytesIO(jpeg(100 + i)), "image/jpeg")},
                           data={"eye": "left"}).json()["id"] for i in range(2)]
     keys = {f"screenings/{sid}" for sid in sids}
-    listed = s3.list_object_versions(Bucket=stack.s3.bucket, Prefix="screenings/")
+    listed = s3.list_object_versions(Bucket=stack.bucket, Prefix="screenings/")
     assert {v["Key"] for v in listed.get("Versions", [])} >= keys
     assert requests.delete(f"{stack.url}/api/v1/patients/{pid}", headers=key, timeout=60).status_code == 204
-    left = s3.list_object_versions(Bucket=stack.s3.bucket, Prefix="screenings/")
+    left = s3.list_object_versions(Bucket=stack.bucket, Prefix="screenings/")
     remaining = {v["Key"] for v in left.get("Versions", []) + left.get("DeleteMarkers", [])}
     assert not remaining & keys, remaining
 

@@ -253,7 +253,7 @@ def test_images_are_encrypted_at_rest_and_keys_carry_no_patient_data(stack, keys
     """Every object in the bucket is screenings/<screening uuid>, SSE-S3 (AES256); no key holds a
     patient id or a PHI marker, and neither does the presigned download link."""
     s3 = stack.s3.client()
-    keys_in_bucket = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.s3.bucket)
+    keys_in_bucket = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket)
                       for o in page.get("Contents", [])]
     ours = {row[0] for row in stack.sql("SELECT image_key FROM screening")}
     patients = {row[0] for row in stack.sql("SELECT id::text FROM patient")}
@@ -262,7 +262,7 @@ def test_images_are_encrypted_at_rest_and_keys_carry_no_patient_data(stack, keys
         assert UUID_KEY.match(key), key
         assert not PHI_PATTERN.search(key) and not any(p in key for p in patients), key
     for key in ours:
-        assert s3.head_object(Bucket=stack.s3.bucket, Key=key)["ServerSideEncryption"] == "AES256", key
+        assert s3.head_object(Bucket=stack.bucket, Key=key)["ServerSideEncryption"] == "AES256", key
     link = call(stack, "GET", f"/api/v1/patients/{data['a']}/screenings/{data['screening']}/image",
                 keys["clinician"])
     assert link.status_code == 302

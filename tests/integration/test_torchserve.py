@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import io
+import json
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from scripts.serving import management, registry as models
+from scripts.serving import management, model_state, registry as models
 
 pytestmark = pytest.mark.integration
 
@@ -144,7 +145,16 @@ def test_register_promote_rollback_unregister(torchserve, model_store, capsys):
         listing = capsys.readouterr().out
         assert re.search(r"^\* dr\s+1\.0", listing, re.M) and re.search(r"^  dr\s+2\.0", listing, re.M)
 
-        assert models.main(cli + ["promote", "dr", "2.0"]) == 0
+        assert models.main(cli + ["promote", "dr", "2.0"]) == 1  # the fixture's archive has no held-out metrics
+        assert "no held-out metrics" in capsys.readouterr().err
+        assert models.main(cli + ["promote", "dr", "2.0", "--force"]) == 1
+        assert "--force needs --reason" in capsys.readouterr().err
+        assert models.main(cli + ["promote", "dr", "2.0", "--force", "--reason", "test of the machinery"]) == 0
+        event = json.loads((model_store / model_state.PROMOTIONS_FILE).read_text().splitlines()[-1])
+        assert event["forced"] and event["reason"] == "test of the machinery" and event["to"] == "2.0"
+        assert event["gate"]["failures"]
+        assert models.main(cli + ["serve-models", "dr"]) == 0
+        assert capsys.readouterr().out.strip().endswith("dr=dr_2.0.mar,dr=dr_1.0.mar")
         assert predict(torchserve, NORMAL).json()["model"]["version"] == "2.0"
         assert predict(torchserve, NORMAL, version="1.0").json()["model"]["version"] == "1.0"
 
@@ -169,3 +179,4 @@ def test_register_promote_rollback_unregister(torchserve, model_store, capsys):
         if "2.0" in [v["version"] for v in models.versions(api, "dr")]:
             api.call("DELETE", "/models/dr/2.0")
         history.unlink(missing_ok=True)
+        (model_store / model_state.PROMOTIONS_FILE).unlink(missing_ok=True)

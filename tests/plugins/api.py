@@ -40,6 +40,8 @@ class FakeTorchServe:
         self.versions = ("1.0", "2.0")
         self.default_version = "1.0"
         self.calls: list[dict] = []
+        self.cards: dict[str, dict] = {}
+        self.version_grades: dict[str, int] = {}  # a version that answers its own grade
 
     def predict(self, image: bytes, content_type: str, version: str | None = None) -> dict:
         self.calls.append({"bytes": len(image), "content_type": content_type, "version": version})
@@ -63,10 +65,11 @@ class FakeTorchServe:
                   "model": model, "disclaimer": SYNTHETIC_DISCLAIMER,
                   "timings_ms": {"decode": 1.0, "preprocess": 1.0, "inference": None}}
         if self.mode == "grade":
+            grade = self.version_grades.get(version or self.default_version, self.grade)
             probabilities = [0.02] * 5
-            probabilities[self.grade] = 0.92
-            answer.update(grade=self.grade, label=GRADE_LABELS[self.grade], probabilities=probabilities,
-                          referable=self.grade >= 2, gradable=True,
+            probabilities[grade] = 0.92
+            answer.update(grade=grade, label=GRADE_LABELS[grade], probabilities=probabilities,
+                          referable=grade >= 2, gradable=True,
                           quality={"gradable": True, "score": 0.9, "reasons": []},
                           timings_ms={"decode": 1.0, "preprocess": 1.0, "inference": 2.0})
         return answer
@@ -88,6 +91,19 @@ class FakeTorchServe:
 
     def default_model_version(self) -> str | None:
         return None if self.mode == "down" else self.default_version
+
+    def describe(self, version: str | None = None, customized: bool = False) -> list[dict]:
+        if self.mode == "down":
+            raise TorchServeUnavailable("TorchServe management API is unreachable")
+        version = version or self.default_version
+        if version not in self.versions:
+            raise UnknownModelVersion(version)
+        return [{"modelName": "dr", "modelVersion": version, "workers": [{"status": "READY"}]}]
+
+    def metadata(self, version: str) -> dict:
+        """model_meta.json as the handler describes it; `cards` maps a version to its held_out."""
+        self.describe(version)
+        return {"name": "dr", "version": version, "synthetic": True, "held_out": self.cards.get(version)}
 
     def ready(self) -> bool:
         if self.mode == "down":

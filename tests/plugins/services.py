@@ -26,6 +26,16 @@ def pg_url(pg_database) -> str:
     return pg_database.url
 
 
+@pytest.fixture(scope="module")
+def scratch_database(request, pg_database):
+    """A fresh database on the same server for one test module, named after it (test_faults.py:
+    clarity_faults_<hex>), dropped when the module ends."""
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    db = PostgresDatabase(pg_database.admin_url, prefix=f"clarity_{module}").create()
+    yield db
+    db.drop()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server (SeaweedFS `weed mini`) on loopback with the bucket created."""

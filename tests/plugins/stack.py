@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from scripts.serving.processes import PostgresDatabase
-from tests.support.harness import PrivateStack, phi_in
+from tests.support.harness import PrivateStack, TcpProxy, phi_in
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +40,12 @@ def make_stack(request, tmp_path_factory, model_store):
         stack.stop()
     leaks = phi_in(logs)
     assert not leaks, "PHI markers in the logs:\n" + "\n".join(leaks[:20])
+
+
+@pytest.fixture(scope="module")
+def pg_proxy():
+    """A TcpProxy to the local PostgreSQL server for one test module: a stack whose DATABASE_URL
+    is `pg_proxy.url_through(scratch_database.url)` can be cut off from the database."""
+    proxy = TcpProxy().up()
+    yield proxy
+    proxy.down()

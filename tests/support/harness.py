@@ -14,6 +14,7 @@ import select
 import socket
 import struct
 import threading
+import uuid
 from pathlib import Path
 
 import requests
@@ -30,7 +31,9 @@ class PrivateStack(StackClient):
     Services passed in are used as they are and left running at stop(); the others are started
     here and stopped at stop(). `api_env` overrides the API's environment (e.g. a DATABASE_URL
     through a fault-injecting proxy): `self.env` is what gunicorn and the CLI get, while
-    `self.database_url` always reaches PostgreSQL directly, for checks.
+    `self.database_url` always reaches PostgreSQL directly, for checks. Each stack stores its
+    images in a bucket of its own (`self.bucket`), so on the session's shared S3 server it sees
+    only its own objects.
     """
 
     def __init__(self, workdir: Path, model_store: Path, *, torchserve: TorchServe | None = None,
@@ -45,6 +48,7 @@ class PrivateStack(StackClient):
         self.torch_threads = torch_threads
         self.api: Gunicorn | None = None
         self.env: dict = {}
+        self.bucket = f"clarity-stack-{uuid.uuid4().hex[:12]}"
 
     @property
     def database_url(self) -> str:
@@ -59,6 +63,7 @@ class PrivateStack(StackClient):
                 self.s3 = SeaweedS3(self.workdir / "seaweedfs")
                 self.owned.append(self.s3)
                 self.s3.start(timeout=60)
+            self.s3.create_bucket(self.bucket)
             if self.torchserve is None:
                 self.torchserve = TorchServe(self.workdir / "torchserve", self.model_store,
                                              models=f"dr=dr_{MODEL_VERSION}.mar",
@@ -67,7 +72,7 @@ class PrivateStack(StackClient):
                 self.torchserve.start(timeout=120)
                 self.torchserve.wait_model_ready("dr", MODEL_VERSION, timeout=120)
             self.env = {
-                "DATABASE_URL": self.database.url, **self.s3.settings_env(), **self.torchserve.settings_env(),
+                "DATABASE_URL": self.database.url, **self.s3.settings_env(self.bucket), **self.torchserve.settings_env(),
                 "LOG_LEVEL": "INFO", "UPLOAD_RATE_LIMIT": "100000/minute", **self.api_env,
             }
             result = self.cli("migrate")
@@ -117,7 +122,7 @@ class PrivateStack(StackClient):
         return stored_rows(self.database)
 
     def object_keys(self) -> set[str]:
-        return self.s3.object_keys("screenings/")
+        return self.s3.object_keys("screenings/", bucket=self.bucket)
 
     def consistency(self, expected: dict[str, str] | None = None) -> dict:
         """What is wrong with what is stored: bench.loadtest.consistency (every list empty means consistent)."""
@@ -216,6 +221,13 @@ class TcpProxy:
             pairs, self._pairs = self._pairs, []
         for pair in pairs:
             self._reset(*pair)
+
+    def url_through(self, url: str) -> str:
+        """`url` (which names the target as 127.0.0.1:PORT) with this proxy's port instead."""
+        host, port = self.target
+        proxied = url.replace(f"{host}:{port}", f"127.0.0.1:{self.port}")
+        assert proxied != url, f"{url} does not name {host}:{port}"
+        return proxied
 
     def cut_when(self, pattern: bytes) -> None:
         self._trigger = pattern

@@ -35,7 +35,7 @@ def check_upgrade(database):
     assert migrations.migrate(database) == list(range(2, migrations.LATEST + 1))
     assert migrations.current_version(database) == migrations.LATEST
 
-    from control_api.models import ApiKey, AuditEvent, Exam, Grading, Patient, Screening
+    from control_api.models import ApiKey, AuditEvent, Exam, Grading, Patient, Screening, ShadowGrading, ShadowSetting
 
     with database.bind_ctx(MODELS):
         patient = Patient.get_by_id(ids["patient"])
@@ -62,6 +62,15 @@ def check_upgrade(database):
         grading.timings = {"inference": 1.5}
         grading.save()
         assert Grading.get_by_id(ids["grading"]).timings == {"inference": 1.5}
+        # v6: a shadow answer beside the old clinical grading, gone with its screening.
+        ShadowSetting.create(model_name="dr", model_version="1.1")
+        ShadowGrading.create(screening=ids["screening"], baseline=ids["grading"], model_name="dr",
+                             model_version="1.1", gradable=True, grade=1, quality={})
+        assert [s.grade for s in screening.shadow_gradings] == [1]
+        Grading.delete().where(Grading.id == ids["grading"]).execute()
+        assert ShadowGrading.get().baseline_id is None
+        Screening.delete().where(Screening.id == ids["screening"]).execute()
+        assert ShadowGrading.select().count() == 0
     check_schema_matches_models(database)
 
 

@@ -24,6 +24,8 @@ EXPECTED = {
     "exams.add_image": CLINICAL, "exams.read_report": CLINICAL, "exams.read_fhir": CLINICAL,
     "screenings.read_explanation": CLINICAL,
     "models.list_models": ("admin",), "health.readiness_details": ("admin",),
+    "shadow.read_shadow": ("admin",), "shadow.start_shadow": ("admin",), "shadow.stop_shadow": ("admin",),
+    "shadow.shadow_report": ("admin",), "shadow.read_shadow_grading": ("admin",),
     "audit.list_events": ("auditor", "admin"),
 }
 

@@ -283,15 +283,31 @@ def test_regrade_keeps_history(client, clinician, patient, fake_torchserve, make
     response = client.post(url(patient["id"], sid, "grade"), headers=clinician)
     assert response.status_code == 201
     assert response.json["result"]["grade"] == 3
+    detail = client.get(url(patient["id"], sid), headers=clinician).json
+    assert [g["model"]["version"] for g in detail["gradings"]] == ["1.0", "1.0"]
+    assert [g["grade"] for g in detail["gradings"]] == [3, 1]
+    assert detail["result"] == detail["gradings"][0]
+
+
+def test_regrade_with_a_named_version_is_a_trial_that_changes_no_clinical_result(
+        client, clinician, patient, fake_torchserve, make_key):
+    sid = upload(client, clinician, patient["id"], image_bytes()).json["id"]
+    before = client.get(url(patient["id"], sid), headers=clinician).json
+    summary_before = client.get(f"/api/v1/patients/{patient['id']}/summary", headers=clinician).json
+    fake_torchserve.version_grades["2.0"] = 4
     admin = make_key("admin")
     response = client.post(url(patient["id"], sid, "grade"), headers=admin, json={"model_version": "2.0"})
     assert response.status_code == 201
-    assert response.json["result"]["model"]["version"] == "2.0"
-    detail = client.get(url(patient["id"], sid), headers=clinician).json
-    assert [g["model"]["version"] for g in detail["gradings"]] == ["2.0", "1.0", "1.0"]
-    assert [g["grade"] for g in detail["gradings"]] == [3, 3, 1]
-    assert detail["result"] == detail["gradings"][0]
+    assert response.json["result"] == before["result"]
     assert fake_torchserve.calls[-1]["version"] == "2.0"
+    trial = client.get(response.headers["Location"], headers=admin)
+    assert trial.status_code == 200, trial.json
+    assert trial.json["model"]["version"] == "2.0" and trial.json["grade"] == 4 and trial.json["source"] == "regrade"
+    assert trial.json["baseline_grading_id"] == before["result"]["id"]
+    after = client.get(url(patient["id"], sid), headers=clinician).json
+    assert after["result"] == before["result"] and after["gradings"] == before["gradings"]
+    assert client.get(f"/api/v1/patients/{patient['id']}/summary", headers=clinician).json == summary_before
+    assert client.get(response.headers["Location"], headers=clinician).status_code == 403
 
 
 def test_regrade_a_named_version_needs_admin(client, clinician, patient, fake_torchserve):

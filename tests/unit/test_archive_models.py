@@ -23,7 +23,7 @@ def read_mar(path):
 
 def test_archive_holds_handler_modules_weights_meta_config_and_card(model_store):
     files = read_mar(model_store / "dr_1.0.mar")
-    assert {"dr_handler.py", "network.py", "fundus.py", "gradcam.py", "weights.pt", "model_meta.json",
+    assert {"dr_handler.py", "network.py", "fundus.py", "gradcam.py", "checksum.py", "weights.pt", "model_meta.json",
             "model-config.yaml", "MODEL_CARD.md", "MAR-INF/MANIFEST.json"} <= set(files)
     assert "__init__.py" not in files
     manifest = json.loads(files["MAR-INF/MANIFEST.json"])["model"]
@@ -82,9 +82,26 @@ def test_archive_refuses_to_overwrite_a_version(model_store, tiny_checkpoint, ca
 def test_archive_cli_writes_the_named_version(tmp_path, tiny_checkpoint, capsys):
     store = tmp_path / "store"
     assert archive.main(["--checkpoint", str(tiny_checkpoint), "--version", "3.1-rc1",
-                         "--model-store", str(store), "--batch-size", "4"]) == 0
+                         "--model-store", str(store), "--batch-size", "4"]) == 1
+    assert "no held-out metrics" in capsys.readouterr().err and not store.exists()
+    assert archive.main(["--checkpoint", str(tiny_checkpoint), "--version", "3.1-rc1",
+                         "--model-store", str(store), "--batch-size", "4", "--without-held-out-metrics"]) == 0
     assert capsys.readouterr().out.strip() == str(store / "dr_3.1-rc1.mar")
-    assert (store / "dr_3.1-rc1.md").exists()
+    assert "promote` refuses this version" in (store / "dr_3.1-rc1.md").read_text()
+
+
+def test_archive_puts_held_out_metrics_in_meta_and_card(tmp_path, tiny_checkpoint):
+    ck = torch.load(tiny_checkpoint, weights_only=True)
+    ck["metrics"] = {"test": {"images": 40, "quadratic_kappa": {"value": 0.7, "ci95": [0.6, 0.8]},
+                              "counts": [10, 10, 10, 5, 5], "predicted_counts": [12, 8, 10, 5, 5],
+                              "referable_definition": "referable = predicted grade >= 2 (what serving answers)"}}
+    measured = tmp_path / "measured.pt"
+    torch.save(ck, measured)
+    assert archive.main(["--checkpoint", str(measured), "--version", "2.0", "--model-store", str(tmp_path / "s")]) == 0
+    meta = json.loads(read_mar(tmp_path / "s" / "dr_2.0.mar")["model_meta.json"])
+    assert meta["held_out"]["quadratic_kappa"]["value"] == 0.7 and meta["held_out"]["predicted_counts"][0] == 12
+    card = (tmp_path / "s" / "dr_2.0.md").read_text()
+    assert "quadratic_kappa.value | 0.7000" in card and "predicted grade >= 2" in card
 
 
 @pytest.mark.parametrize("version", ["", "../1.0", "1/0", "v 1"])
@@ -125,8 +142,66 @@ def test_archive_identity_reads_the_manifest(model_store):
 def test_history_is_kept_per_model(tmp_path):
     history = models.History(tmp_path / models.HISTORY_FILE)
     assert history.load() == {}
-    history.save({"dr": ["1.0"]})
-    assert json.loads((tmp_path / ".defaults.json").read_text()) == {"dr": ["1.0"]}
+    history.save({"dr": {"default": "1.1", "previous": ["1.0"], "registered": ["1.0", "1.1"]}})
+    assert json.loads((tmp_path / ".defaults.json").read_text())["dr"]["default"] == "1.1"
+    (tmp_path / ".defaults.json").write_text('{"dr": ["0.9", "1.0"]}')  # the older format
+    assert history.load() == {"dr": {"default": None, "previous": ["0.9", "1.0"], "registered": []}}
+
+
+def test_serve_models_restores_the_default_first(tmp_path):
+    history = models.History(tmp_path / models.HISTORY_FILE)
+    assert history.serve_models("dr", tmp_path) == ""
+    for v in ("1.0", "1.1", "1.2"):
+        (tmp_path / f"dr_{v}.mar").write_bytes(b"x")
+    history.save({"dr": {"default": "1.1", "previous": ["1.0"], "registered": ["1.0", "1.1", "1.2", "9.9"]}})
+    assert history.serve_models("dr", tmp_path) == "dr=dr_1.1.mar,dr=dr_1.0.mar,dr=dr_1.2.mar"
+    assert models.main(["--model-store", str(tmp_path), "serve-models", "dr"]) == 0
+
+
+def test_an_archive_outside_the_store_is_copied_in(tmp_path, model_store, capsys):
+    store = tmp_path / "store"
+    outside = tmp_path / "elsewhere" / "dr_2.0.mar"
+    outside.parent.mkdir()
+    outside.write_bytes((model_store / "dr_2.0.mar").read_bytes())
+    said = []
+    assert models.into_store(str(outside), store, said.append) == (store / "dr_2.0.mar").resolve()
+    assert (store / "dr_2.0.mar").read_bytes() == outside.read_bytes() and "copied" in said[0]
+    assert models.into_store("dr_2.0.mar", store) == (store / "dr_2.0.mar").resolve()  # a name in the store
+    assert models.into_store(str(outside), store) == (store / "dr_2.0.mar").resolve()  # same bytes: fine
+    outside.write_bytes(b"other bytes")
+    with pytest.raises(management.ManagementError, match="immutable"):
+        models.into_store(str(outside), store)
+    with pytest.raises(management.ManagementError, match=f"model store {store.resolve()}"):
+        models.into_store("dr_7.0.mar", store)
+
+
+def test_workers_come_from_the_archive_else_one_per_core(tmp_path, tiny_checkpoint, model_store):
+    assert models.archive_workers(model_store / "dr_1.0.mar") == 1  # the fixtures archive with workers=1
+    plain = archive.archive(tiny_checkpoint, "5.0", model_store=tmp_path)  # the archive defaults
+    assert models.archive_workers(plain) is None
+    assert models.default_workers() >= 1
+
+
+def test_gate_refuses_without_card_metrics_and_below_thresholds():
+    from scripts.serving import gate
+
+    t = gate.Thresholds()
+    assert not gate.check("1.1", {"held_out": None}, t, None, False).passed
+    low = {"held_out": {"quadratic_kappa": {"value": 0.2}, "referable_sensitivity": {"value": 0.95}}}
+    verdict = gate.check("1.1", low, t, None, False)
+    assert verdict.failures == ["held-out quadratic_kappa 0.200 is below 0.600"]
+    assert "shadow agreement not checked" in verdict.notes[0]
+    good = {"held_out": {"quadratic_kappa": {"value": 0.9}, "referable_sensitivity": {"value": 0.95}}}
+    assert gate.check("1.1", good, t, None, True).passed
+    shadow = {"photographs": 50, "grade_kappa": 0.9, "referable_agreement": 0.7, "baseline_version": "1.0"}
+    verdict = gate.check("1.1", good, t, shadow, True)
+    assert verdict.failures == ["shadow referable_agreement with 1.0 is 0.700 over 50 photographs, below 0.900"]
+    collapsed = {"held_out": {"quadratic_kappa": {"value": 0.0}, "referable_sensitivity": {"value": 0.0},
+                              "predicted_counts": [40, 0, 0, 0, 0]}}
+    verdict = gate.check("1.1", collapsed, t, None, True)
+    assert not verdict.passed and "one and the same grade" in verdict.notes[0]
+    assert gate.Thresholds.from_env({"PROMOTE_MIN_QWK": "0.3"}, min_shadow_kappa=0.1) == \
+        gate.Thresholds(min_qwk=0.3, min_shadow_kappa=0.1)
 
 
 class _Answer(http.server.BaseHTTPRequestHandler):
@@ -158,6 +233,7 @@ def stub_management():
 
 
 def test_405_means_the_model_api_is_off(stub_management, tmp_path, capsys):
+    (tmp_path / "dr_1.0.mar").write_bytes(b"not read: name and version are given")
     code = models.main(["--management", stub_management, "--model-store", str(tmp_path),
                         "register", "dr_1.0.mar", "--name", "dr", "--version", "1.0"])
     assert code == 1

@@ -10,6 +10,7 @@ import torch
 
 from handlers import dr_handler
 from handlers import engine as engines
+from handlers.checksum import sha256_file
 from handlers.network import DRNet
 from scripts.ml import archive
 from tests.unit.test_handler import make_context
@@ -40,7 +41,7 @@ def test_meta_selects_the_engine_and_checks_its_hash(tiny, tmp_path):
     model, path = tiny
     cpu = torch.device("cpu")
     assert engines.load({}, tmp_path, model, cpu, 1).name == "eager"
-    spec = {"name": "onnx", "file": path.name, "sha256": engines.sha256(path)}
+    spec = {"name": "onnx", "file": path.name, "sha256": sha256_file(path)}
     assert engines.load({"engine": spec}, path.parent, model, cpu, 1).name == "onnx"
     # Without onnxruntime-gpu (this machine), a GPU worker keeps the eager network.
     assert engines.load({"engine": spec}, path.parent, model, torch.device("cuda:0"), 1).name == "eager"
@@ -89,3 +90,19 @@ def test_archive_refuses_int8_without_calibration_images(tiny_checkpoint, tmp_pa
     with pytest.raises(archive.ArchiveError, match="calibration"):
         archive.archive(tiny_checkpoint, "q", model_store=tmp_path, engine="onnx-int8")
     assert not list(tmp_path.glob("*.mar"))
+
+
+def test_archive_int8_calibrates_on_a_folder_of_photographs(tiny_checkpoint, tmp_path):
+    """The int8 path end to end: calibration crops come from real image files through the
+    handler's preprocessing and quality gate (an ungradable file is skipped, not fatal)."""
+    from tests.support.images import blank_frame, encode, fundus_like
+    photos = tmp_path / "train"
+    photos.mkdir()
+    for seed in range(3):
+        (photos / f"f{seed}.jpg").write_bytes(encode(fundus_like(seed=seed)))
+    (photos / "blank.png").write_bytes(encode(blank_frame(), "PNG"))
+    mar = archive.archive(tiny_checkpoint, "q", model_store=tmp_path / "store", engine="onnx-int8",
+                          calibration_dir=photos)
+    with zipfile.ZipFile(mar) as z:
+        meta = json.loads(z.read("model_meta.json"))
+    assert meta["engine"]["name"] == "onnx-int8"

@@ -9,7 +9,7 @@ import torch
 from handlers import fundus, quality
 from handlers.network import DRNet
 from scripts.ml import evaluate, synth, train
-from scripts.files import sha256_file
+from handlers.checksum import sha256_file
 
 CONTRACT_KEYS = {"format", "arch", "num_classes", "state_dict", "preprocess", "quality", "grade_labels",
                  "referable_threshold", "dataset", "metrics", "history", "code_revision", "created_at"}

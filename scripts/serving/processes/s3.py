@@ -47,30 +47,36 @@ class SeaweedS3(Process):
 
         # The port answers before authorization is ready: only a successful PUT means ready.
         def put_works() -> bool:
-            try:
-                s3.create_bucket(Bucket=self.bucket)
-            except s3.exceptions.BucketAlreadyOwnedByYou:
-                pass
-            except s3.exceptions.ClientError as exc:
-                if exc.response["Error"]["Code"] not in ("BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
-                    raise
+            self.create_bucket(client=s3)
             s3.put_object(Bucket=self.bucket, Key=".ready", Body=b"ok")
             s3.delete_object(Bucket=self.bucket, Key=".ready")
             return True
 
         self.wait_until(put_works, timeout, f"SeaweedFS S3 on {self.endpoint_url}", interval=0.25)
 
-    def object_keys(self, prefix: str = "") -> set[str]:
-        """Every key in the bucket under `prefix`."""
+    def create_bucket(self, bucket: str | None = None, client=None) -> None:
+        """Create `bucket` (by default this server's own) unless it exists."""
+        s3 = client or self.client()
+        try:
+            s3.create_bucket(Bucket=bucket or self.bucket)
+        except s3.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        except s3.exceptions.ClientError as exc:
+            if exc.response["Error"]["Code"] not in ("BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
+                raise
+
+    def object_keys(self, prefix: str = "", bucket: str | None = None) -> set[str]:
+        """Every key in `bucket` (by default this server's own) under `prefix`."""
         keys = set()
-        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket or self.bucket, Prefix=prefix)
+        for page in pages:
             keys.update(item["Key"] for item in page.get("Contents", []))
         return keys
 
-    def settings_env(self) -> dict[str, str]:
-        """The API's environment for this server."""
+    def settings_env(self, bucket: str | None = None) -> dict[str, str]:
+        """The API's environment for this server and `bucket` (by default its own)."""
         return {
-            "STORAGE_BACKEND": "s3", "S3_ENDPOINT_URL": self.endpoint_url, "S3_BUCKET_NAME": self.bucket,
+            "STORAGE_BACKEND": "s3", "S3_ENDPOINT_URL": self.endpoint_url, "S3_BUCKET_NAME": bucket or self.bucket,
             "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
         }

@@ -1,4 +1,6 @@
-"""Small file helpers shared by the scripts."""
+"""SHA-256 of a file, for the handler (an archive's ONNX file against model_meta.json) and the
+scripts (checkpoints, weights, archive contents). Here so that handlers/ imports nothing from
+scripts/ and the archive carries it (scripts/ml/archive.py bundles every module in handlers/)."""
 from __future__ import annotations
 
 import hashlib
