@@ -53,10 +53,10 @@ def _unique(data: bytes) -> bytes:
     return data + f"clarity-clinic-{next(_trailer):09d}-{os.getpid()}".encode()
 
 
-def predict_sender(url: str, datas: list[bytes], fresh: bool, same: bool = False):
+def predict_sender(url: str, datas: list[bytes], fresh: bool, same: bool = False, auth: dict | None = None):
     def send(session, i):
         body = datas[i % len(datas)] if same else _unique(datas[i % len(datas)])
-        headers = {"Content-Type": "image/jpeg"}
+        headers = {"Content-Type": "image/jpeg", **(auth or {})}
         if fresh:
             return requests.post(f"{url}/predictions/dr", data=body, headers={**headers, "Connection": "close"},
                                  timeout=TIMEOUT)
@@ -179,7 +179,8 @@ def main(argv=None) -> int:
                     for c in args.concurrency:
                         for fresh in (False, True):
                             conn = "fresh connection" if fresh else "keep-alive"
-                            row = paired(f"torchserve direct, {conn}", predict_sender(ts.inference_url, datas, fresh),
+                            row = paired(f"torchserve direct, {conn}", predict_sender(ts.inference_url, datas, fresh,
+                                                                      auth=ts.auth()),
                                          f"api {backend}, {conn}", upload_sender(api, datas, fresh), c, args)
                             row.update(backend=backend, connection=conn)
                             report["api_vs_torchserve"].append(row)
@@ -206,7 +207,8 @@ def main(argv=None) -> int:
                 naive.start(timeout=120)
                 stack.callback(naive.stop)
                 for c in args.concurrency:
-                    row = paired("torchserve direct, keep-alive", predict_sender(ts.inference_url, datas, False),
+                    row = paired("torchserve direct, keep-alive",
+                                 predict_sender(ts.inference_url, datas, False, auth=ts.auth()),
                                  f"naive (full decode + resize, {naive.workers} sync workers)",
                                  predict_sender(naive.url, datas, False), c, args, ok_b=(200,))
                     report["naive"].append(row)
@@ -238,7 +240,7 @@ def engines(tmp: Path, ck_path: Path, ck_sha: str, datas, args, sampler) -> list
                 mar = archive.archive(ck, engine, model_store=store / engine, engine=engine, batch_size=8,
                                       max_batch_delay=5, torch_threads=1)
                 server = servers.enter_context(systems.torchserve(tmp / f"ts-{len(rows)}-{engine}", mar, DEFAULTS, sampler))
-                sends[engine] = predict_sender(server.inference_url, datas, False)
+                sends[engine] = predict_sender(server.inference_url, datas, False, auth=server.auth())
             c = max(args.concurrency)
             row = paired(f"{name}: eager", sends["eager"], f"{name}: onnx", sends["onnx"], c, args, ok_b=(200,))
             row["network"] = name

@@ -79,15 +79,16 @@ def cell(server: TorchServe, engine: str, batch: int, photos: list[bytes], args)
     version = f"{engine}-b{batch}"
     mgmt = server.management_url
     r = requests.post(f"{mgmt}/models", params={"url": f"dr_{version}.mar", "initial_workers": args.workers,
-                                               "synchronous": "true"}, timeout=600)
+                                               "synchronous": "true"}, timeout=600, headers=server.auth("management"))
     r.raise_for_status()
     try:
         server.wait_model_ready("dr", version, timeout=600)
         url = f"{server.inference_url}/predictions/dr/{version}"
+        auth = server.auth()
         seen = {}
 
         def send(session, i):
-            response = session.post(url, data=photos[i], headers={"Content-Type": "image/jpeg"}, timeout=120)
+            response = session.post(url, data=photos[i], headers={"Content-Type": "image/jpeg", **auth}, timeout=120)
             if response.status_code == 200:
                 seen["inference_ms"] = (response.json().get("timings_ms") or {}).get("inference")
             return response
@@ -99,7 +100,7 @@ def cell(server: TorchServe, engine: str, batch: int, photos: list[bytes], args)
         return {"engine": engine, "engine_in_worker": in_worker, "batch": batch, **result.to_dict(),
                 "last_batch_inference_ms": seen.get("inference_ms"), "at": time.strftime("%H:%M:%S")}
     finally:
-        requests.delete(f"{mgmt}/models/dr/{version}", timeout=120)
+        requests.delete(f"{mgmt}/models/dr/{version}", timeout=120, headers=server.auth("management"))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ def measure(args, photo: bytes, ts: TorchServe, plain: Gunicorn, timed: Gunicorn
     direct = requests.Session()
     api = requests.Session()
     predict_url = f"{ts.inference_url}/predictions/dr"
+    ts_auth = ts.auth()
     upload_url = f"{plain.url}/api/v1/patients/{patient}/screenings"
 
     def upload(session, url, i, extra=None):
@@ -143,7 +144,8 @@ def measure(args, photo: bytes, ts: TorchServe, plain: Gunicorn, timed: Gunicorn
 
     def predict(i):
         start = time.perf_counter()
-        r = direct.post(predict_url, data=unique(photo, i), headers={"Content-Type": "image/jpeg"}, timeout=60)
+        r = direct.post(predict_url, data=unique(photo, i), headers={"Content-Type": "image/jpeg", **ts_auth},
+                        timeout=60)
         assert r.status_code == 200, r.text[:300]
         return (time.perf_counter() - start) * 1000
 

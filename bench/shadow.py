@@ -25,7 +25,6 @@ import requests
 
 from bench.driver import stats
 from bench.loadtest import LoadStack, model_store, photographs, unique
-from scripts.serving.management import Management
 
 SETTING_CACHE_S = 6  # control_api.shadow.SETTING_CACHE_SECONDS (5 s) plus a margin
 
@@ -73,7 +72,7 @@ def run(args) -> dict:
         checkpoint = workdir / "tiny.pt" if (workdir / "tiny.pt").exists() else DEMO_CHECKPOINT
         archive.archive(checkpoint, "1.1", model_store=store)
         with LoadStack(workdir, store, workers=args.api_workers) as stack:
-            management = Management(stack.torchserve.management_url, timeout=300)
+            management = stack.torchserve.management(timeout=300)
             management.call("POST", "/models", url="dr_1.1.mar", initial_workers=1, synchronous="true")
             management.call("PUT", "/models/dr/1.0", min_worker=1, max_worker=1, synchronous="true")
             admin, clinician = stack.key("admin"), stack.key("clinician")

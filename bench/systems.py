@@ -39,17 +39,20 @@ def _graded(response: requests.Response) -> bool:
     return b'"gradable"' in response.content
 
 
-def prediction_sender(url: str, inputs: list[BenchInput], *, fresh_connection: bool = False):
-    """POST /predictions/dr with the raw image, as the API's TorchServe client does.
-    `fresh_connection` opens a new TCP connection per request instead of reusing the session's."""
+def prediction_sender(url: str, inputs: list[BenchInput], *, fresh_connection: bool = False,
+                      auth: dict | None = None):
+    """POST /predictions/dr with the raw image, as the API's TorchServe client does (with its
+    inference key in `auth`). `fresh_connection` opens a new TCP connection per request instead
+    of reusing the session's."""
+    auth = auth or {}
     datas = [i.data() for i in inputs]
     types = [i.content_type for i in inputs]
 
     def send(session: requests.Session, i: int) -> requests.Response:
         if fresh_connection:
             return requests.post(f"{url}/predictions/dr", data=datas[i],
-                                 headers={"Content-Type": types[i], "Connection": "close"}, timeout=TIMEOUT)
-        return session.post(f"{url}/predictions/dr", data=datas[i], headers={"Content-Type": types[i]},
+                                 headers={"Content-Type": types[i], "Connection": "close", **auth}, timeout=TIMEOUT)
+        return session.post(f"{url}/predictions/dr", data=datas[i], headers={"Content-Type": types[i], **auth},
                             timeout=TIMEOUT)
 
     return send
@@ -73,7 +76,8 @@ def torchserve(workdir: Path, mar: Path, cfg: ServeConfig, sampler: MemorySample
 
 def torchserve_handle(server: TorchServe, cfg: ServeConfig, inputs: list[BenchInput], **kw) -> Handle:
     workers = server.model_status("dr")[0].get("workers", [])
-    return Handle(server.bench_label, server.inference_url, prediction_sender(server.inference_url, inputs, **kw),
+    return Handle(server.bench_label, server.inference_url,
+                  prediction_sender(server.inference_url, inputs, auth=server.auth(), **kw),
                   check=_graded, info={"config": cfg.to_dict(), "workers": len(workers)},
                   pids={server.bench_label: server.proc.pid}, metrics_url=server.metrics_url)
 

@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None, *, storage=None, torchserve=Non
         torchserve or torchserve_mod.from_settings(settings, bounded=False), settings.shadow_queue_size,
         shadow_mod.marker_dir_for(settings.database_url))
     shadow_mod.init_app(app)
-    bind(settings.database_url, settings.database_statement_timeout_seconds)
+    bind(settings.database_url, settings.database_deadline_seconds)
 
     app.before_request(_start)
     app.before_request(_limit_body)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import threading
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from peewee import DatabaseProxy, SqliteDatabase
-from playhouse.db_url import connect
+from peewee import DatabaseProxy, OperationalError, SqliteDatabase
+from playhouse.db_url import connect, register_database
+from playhouse.pool import PooledPostgresqlDatabase
 
 db = DatabaseProxy()
 
@@ -13,8 +15,9 @@ db = DatabaseProxy()
 SQLITE_PRAGMAS = {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 5000, "synchronous": "normal"}
 
 
-class _Deadline:
-    seconds = 10.0
+class _Deadline(threading.local):
+    seconds = 10.0  # class attribute: one deadline for the process
+    expired = False  # per thread: the last wait of this thread ran out
 
 
 _deadline = _Deadline()
@@ -42,7 +45,27 @@ def _wait_with_deadline(conn) -> None:
             raise psycopg2.OperationalError(f"bad state from poll: {state}")
         if not ready:
             # psycopg2 then cancels the query and marks the connection broken (the pool drops it).
+            _deadline.expired = True
             raise psycopg2.OperationalError(f"no answer from the database within {_deadline.seconds:g} s")
+
+
+class _DeadlinePool(PooledPostgresqlDatabase):
+    """peewee's pool pings each idle connection it hands out (SELECT 1) and, when the ping fails,
+    tries the next one and then a new connection. With packets dropped each of those waits out
+    the whole deadline, so one request would wait (idle connections + 1) deadlines. A ping that
+    ran out of time means the network is gone: fail the request now (503) instead; the other
+    idle connections are pinged by the requests after it, one each."""
+
+    def _is_closed(self, conn):
+        _deadline.expired = False
+        closed = super()._is_closed(conn)
+        if closed and _deadline.expired:
+            conn.close()
+            raise OperationalError(f"no answer from the database within {_deadline.seconds:g} s")
+        return closed
+
+
+register_database(_DeadlinePool, "postgresql+deadline")
 
 
 def _install_wait_callback() -> None:
@@ -56,23 +79,25 @@ def database_for(url: str, statement_timeout: float = 10.0):
     """A peewee Database for `url`, pooled: connections are handed back at the end of each
     request instead of closed. A fresh PostgreSQL connection costs more than most queries here,
     and closing the last SQLite connection checkpoints the WAL on every request.
-    PostgreSQL also gets a short connect timeout, so an unreachable server is a quick 503."""
+    PostgreSQL waits at most `statement_timeout` for any answer, connecting included (settings:
+    at most half of TorchServe's timeout), so an unreachable or black-holed server is a 503
+    within the window a request waiting on TorchServe gets its answer in."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     extra = {}
     if parts.scheme in ("postgres", "postgresql"):
-        query.setdefault("connect_timeout", "5")
+        query.setdefault("connect_timeout", str(max(1, min(5, int(statement_timeout)))))
         # The server stops a statement past the deadline; the client-side deadline
         # (_wait_with_deadline) covers what the server never sees: a network that drops packets.
         extra["options"] = f"-c statement_timeout={int(statement_timeout * 1000)}"
-        _deadline.seconds = statement_timeout
+        _Deadline.seconds = statement_timeout  # for every thread (the instance is per thread)
         _install_wait_callback()
-        parts = parts._replace(scheme="postgresql+pool")
+        parts = parts._replace(scheme="postgresql+deadline")
     elif parts.scheme == "sqlite" and parts.path not in ("", "/", "/:memory:"):
         # Pooled connections move between threads, one thread at a time.
         parts = parts._replace(scheme="sqlite+pool")
         extra["check_same_thread"] = False
-    if parts.scheme.endswith("+pool"):
+    if parts.scheme.endswith(("+pool", "+deadline")):
         query.setdefault("max_connections", "16")
         query.setdefault("stale_timeout", "300")
     if parts.scheme.startswith("sqlite"):

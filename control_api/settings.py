@@ -42,12 +42,15 @@ class Settings:
     s3_presign_ttl_seconds: int = setting("S3_PRESIGN_TTL_SECONDS", 300, "lifetime of image download URLs")
     torchserve_inference_url: str = setting("TORCHSERVE_INFERENCE_URL", "http://127.0.0.1:8080", "")
     torchserve_management_url: str = setting("TORCHSERVE_MANAGEMENT_URL", "http://127.0.0.1:8081", "")
+    torchserve_key_file: str = setting("TORCHSERVE_KEY_FILE", "",
+                                       "TorchServe's key_file.json (token authorization); empty sends no key")
     torchserve_model_name: str = setting("TORCHSERVE_MODEL_NAME", "dr", "registered model name")
     torchserve_timeout_seconds: float = setting("TORCHSERVE_TIMEOUT_SECONDS", 30.0, "per prediction")
     torchserve_max_in_flight: int = setting("TORCHSERVE_MAX_IN_FLIGHT", 0,
                                             "predictions one worker awaits at once; 0 means threads - 1")
-    database_statement_timeout_seconds: float = setting("DATABASE_STATEMENT_TIMEOUT_SECONDS", 10.0,
-                                                        "longest wait on one database call")
+    database_statement_timeout_seconds: float = setting(
+        "DATABASE_STATEMENT_TIMEOUT_SECONDS", 0.0,
+        "longest wait on one database call; 0 means TORCHSERVE_TIMEOUT_SECONDS / 3, at most half of it")
     max_upload_bytes: int = setting("MAX_UPLOAD_BYTES", 20 * 1024 * 1024, "largest accepted image")
     cors_origins: tuple = setting("CORS_ORIGINS", (), "comma-separated origins allowed by CORS")
     upload_rate_limit: str = setting("UPLOAD_RATE_LIMIT", "60/minute", "uploads per API key")
@@ -92,6 +95,13 @@ class Settings:
                      "torchserve_timeout_seconds", "dicom_port", "dicom_health_port", "shadow_queue_size"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be positive")
+        if self.database_statement_timeout_seconds < 0:
+            raise SettingsError("DATABASE_STATEMENT_TIMEOUT_SECONDS must not be negative")
+        if 2 * self.database_deadline_seconds > self.torchserve_timeout_seconds:
+            # A request may wait twice (a pooled connection's check, then its statement): with a
+            # black-holed database it must still get its 503 within TorchServe's window.
+            raise SettingsError("DATABASE_STATEMENT_TIMEOUT_SECONDS must be at most half of "
+                                "TORCHSERVE_TIMEOUT_SECONDS")
         if self.s3_presign_ttl_seconds > MAX_PRESIGN_TTL_SECONDS:
             # A presigned link is a bearer credential for one photograph: keep it short-lived.
             raise SettingsError(f"S3_PRESIGN_TTL_SECONDS must be at most {MAX_PRESIGN_TTL_SECONDS}")
@@ -108,6 +118,11 @@ class Settings:
                 raise SettingsError(str(exc)) from None
         if not 1 <= len(self.dicom_ae_title.strip()) <= 16:
             raise SettingsError("DICOM_AE_TITLE must be 1-16 characters")
+
+    @property
+    def database_deadline_seconds(self) -> float:
+        """The longest wait on the database (statement_timeout and the client-side deadline)."""
+        return self.database_statement_timeout_seconds or self.torchserve_timeout_seconds / 3
 
     @property
     def torchserve_max_in_flight_effective(self) -> int:

@@ -5,6 +5,9 @@ Inference Protocol) means rewriting this file and nothing else. The rest of the 
 `TorchServeClient.predict()` returning the prediction dict of docs/contracts.md §4,
 `explain()` returning it with a Grad-CAM explanation,
 `models()` and `ready()`, and the three exceptions below.
+
+TorchServe's token authorization is on: every call carries the inference or management key
+from TorchServe's key file, renewed when TorchServe refuses it (torchserve_keys.py).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from requests.adapters import HTTPAdapter
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from . import metrics
+from .torchserve_keys import KeyFileError, TorchServeKeys, refused
 
 
 class TorchServeUnavailable(Exception):
@@ -69,7 +73,7 @@ _retry_connect = retry(retry=retry_if_exception_type(requests.ConnectionError),
 
 class TorchServeClient:
     def __init__(self, inference_url: str, management_url: str, model_name: str, timeout: float,
-                 pool_size: int = 16, max_in_flight: int | None = None):
+                 pool_size: int = 16, max_in_flight: int | None = None, key_file: str = ""):
         # At most this many predictions at once per process: with TorchServe hung, the other
         # threads stay free for probes and reads, and further uploads are kept pending (202)
         # at once instead of each waiting out the timeout.
@@ -84,6 +88,8 @@ class TorchServeClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._default: tuple[str | None, float] | None = None  # (version, when read)
+        # TorchServe's token authorization: the keys from its key file (torchserve_keys.py).
+        self.keys = TorchServeKeys(key_file, self.management_url)
 
     def predict(self, image: bytes, content_type: str, version: str | None = None) -> dict:
         return self._ask("predictions", image, content_type, version)
@@ -117,10 +123,31 @@ class TorchServeClient:
             if self.in_flight is not None:
                 self.in_flight.release()
 
-    @_retry_connect
     def _post(self, url: str, image: bytes, content_type: str) -> requests.Response:
-        return self.session.post(url, data=image, headers={"Content-Type": content_type},
+        return self._with_key("inference", lambda auth: self._send_post(url, image, content_type, auth))
+
+    @_retry_connect
+    def _send_post(self, url: str, image: bytes, content_type: str, auth: dict) -> requests.Response:
+        return self.session.post(url, data=image, headers={"Content-Type": content_type, **auth},
                                  timeout=(3, self.timeout))
+
+    def _with_key(self, kind: str, send) -> requests.Response:
+        """send(auth headers) with the key held; when TorchServe refuses it (expired, renewed by
+        another process, or TorchServe restarted with new keys), renew it and send once more.
+        A key problem is a 503 for this request, never a lasting state: the next request reads
+        the file again."""
+        try:
+            key = self.keys.key(kind)
+            response = send(self.keys.headers(key))
+            if not refused(response):
+                return response
+            self.keys.renew(kind, key)
+            response = send(self.keys.headers(self.keys.key(kind)))
+        except KeyFileError as exc:
+            raise TorchServeUnavailable(f"TorchServe {kind} key: {exc}") from None
+        if refused(response):
+            raise TorchServeUnavailable(f"TorchServe refused the {kind} key just renewed")
+        return response
 
     def _prediction(self, response: requests.Response, version: str | None) -> dict:
         body = _json(response)
@@ -143,9 +170,12 @@ class TorchServeClient:
                                 message=body.get("message") or "The model failed on this image.")
         raise TorchServeUnavailable(f"TorchServe answered {response.status_code}", reached=True)
 
-    @_retry_connect
     def _get(self, path: str) -> requests.Response:
-        return self.session.get(f"{self.management_url}{path}", timeout=(3, 10))
+        return self._with_key("management", lambda auth: self._send_get(path, auth))
+
+    @_retry_connect
+    def _send_get(self, path: str, auth: dict) -> requests.Response:
+        return self.session.get(f"{self.management_url}{path}", headers=auth, timeout=(3, 10))
 
     def describe(self, version: str | None = None, customized: bool = False) -> list[dict]:
         """TorchServe's model description (GET /models/NAME[/VERSION])."""
@@ -227,7 +257,8 @@ def from_settings(settings, bounded: bool = True) -> TorchServeClient:
     return TorchServeClient(settings.torchserve_inference_url, settings.torchserve_management_url,
                             settings.torchserve_model_name, settings.torchserve_timeout_seconds,
                             pool_size=max(4, settings.gunicorn_threads * 2),
-                            max_in_flight=settings.torchserve_max_in_flight_effective if bounded else None)
+                            max_in_flight=settings.torchserve_max_in_flight_effective if bounded else None,
+                            key_file=settings.torchserve_key_file)
 
 
 def get_client() -> TorchServeClient:

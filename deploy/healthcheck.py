@@ -5,14 +5,14 @@
                                                         # version has a READY worker
 
 TorchServe's /ping answers Healthy before a model has loaded, so the TorchServe image asks
-the management API whether a worker is READY instead, counted by the tools' management client
-(scripts/serving/management.py, on the serving image's PYTHONPATH; the URL check needs only the
-standard library, as the API image carries no scripts/). Exit status 0 = healthy, 1 = not.
+the management API whether a worker is READY instead, through the tools' management client
+(scripts/serving/management.py, on the serving image's PYTHONPATH, with the management key from
+TORCHSERVE_KEY_FILE; the URL check needs only the standard library, as the API image carries no
+scripts/). Exit status 0 = healthy, 1 = not.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import urllib.error
 import urllib.request
@@ -33,14 +33,18 @@ def check_url(url: str, timeout: float) -> str | None:
 
 
 def check_model(management_url: str, model: str, timeout: float) -> str | None:
-    """None when the model's default version has at least one READY worker, else why not."""
-    url = f"{management_url.rstrip('/')}/models/{model}"
-    status, body = _get(url, timeout)
-    if status != 200:
-        return f"{url} answered {status}"
-    from scripts.serving.management import any_ready
+    """None when the model's default version has at least one READY worker, else why not.
+    The management key comes from TorchServe's key file (TORCHSERVE_KEY_FILE), renewed there
+    when it has expired."""
+    from scripts.serving.management import Management, ManagementError, any_ready
 
-    if not any_ready(json.loads(body)):
+    try:
+        described = Management(management_url, timeout=timeout).describe(model)
+    except ManagementError as exc:
+        return str(exc)
+    if not isinstance(described, list):
+        return f"{management_url} described {model} in no JSON list"
+    if not any_ready(described):
         return f"model {model} has no READY worker"
     return None
 

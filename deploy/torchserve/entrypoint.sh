@@ -12,6 +12,10 @@ set -eu
 : "${BAKED_MODELS:=/home/model-server/baked}"
 : "${SERVE_LOG_CONFIG:=/home/model-server/torchserve-log4j2.xml}"
 : "${TEMP:=/tmp}"
+# TorchServe writes its token authorization keys (key_file.json, mode 0600) into its working
+# directory: this one, a volume the API's container mounts too (compose: torchserve-keys; ECS:
+# the task's shared volume). The health check reads it through TORCHSERVE_KEY_FILE.
+: "${TS_KEY_DIR:=/home/model-server/keys}"
 export TS_CONFIG_FILE TEMP
 if [ "$#" -gt 0 ]; then
   exec "$@"  # e.g. `docker run IMAGE torchserve --version` or a shell for debugging
@@ -36,6 +40,9 @@ if [ -z "${SERVE_MODELS:-}" ]; then
   SERVE_MODELS=$(python -m scripts.serving.registry --model-store "$MODEL_PATH" serve-models dr 2>/dev/null || true)
 fi
 : "${SERVE_MODELS:=dr=dr_${MODEL_VERSION:?set MODEL_VERSION or SERVE_MODELS}.mar}"
+
+mkdir -p "$TS_KEY_DIR"
+cd "$TS_KEY_DIR"
 
 # SERVE_MODELS is a space-separated list: word splitting is wanted here.
 # shellcheck disable=SC2086

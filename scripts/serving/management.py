@@ -3,7 +3,12 @@ managers (processes/) and the serving image's health check (deploy/healthcheck.p
 TorchServe about models through it, and "a READY worker" is counted here only.
 
 The control API keeps its own client (control_api/torchserve.py): the API image carries no scripts/.
-The serving image carries this file and registry.py (Dockerfile.serve).
+The serving image carries this file and registry.py (Dockerfile.serve), and the key handling both
+clients share (control_api/torchserve_keys.py: standard library and requests only).
+
+TorchServe's token authorization is on: the management key comes from TorchServe's key file
+(TORCHSERVE_KEY_FILE, or key_file= / --key-file), and an expired one is renewed and the call sent
+once more.
 """
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ import time
 import requests
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from control_api.torchserve_keys import KeyFileError, TorchServeKeys, refused
+
 DEFAULT_MANAGEMENT = os.environ.get("TORCHSERVE_MANAGEMENT_URL", "http://127.0.0.1:8081")
+DEFAULT_KEY_FILE = os.environ.get("TORCHSERVE_KEY_FILE", "")
 
 
 def ready_workers(description: dict) -> int:
@@ -48,22 +56,34 @@ _HINTS = {
 class Management:
     """A thin client for TorchServe's management API; connection errors are retried, nothing else."""
 
-    def __init__(self, url: str = DEFAULT_MANAGEMENT, timeout: float = 30):
+    def __init__(self, url: str = DEFAULT_MANAGEMENT, timeout: float = 30, key_file: str | None = None):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        self.keys = TorchServeKeys(DEFAULT_KEY_FILE if key_file is None else key_file, self.url)
 
     @retry(retry=retry_if_exception_type(requests.ConnectionError), stop=stop_after_attempt(4),
            wait=wait_exponential(multiplier=0.5, max=4), reraise=True)
-    def _send(self, method: str, path: str, **params) -> requests.Response:
+    def _send(self, method: str, path: str, key: str | None, **params) -> requests.Response:
         return self.session.request(method, f"{self.url}{path}", params=params or None,
-                                    timeout=self.timeout)
+                                    headers=self.keys.headers(key), timeout=self.timeout)
+
+    def _authorized(self, method: str, path: str, **params) -> requests.Response:
+        """The call with the management key; once more with a renewed key if TorchServe refused it."""
+        key = self.keys.key("management")
+        r = self._send(method, path, key, **params)
+        if refused(r):
+            self.keys.renew("management", key)
+            r = self._send(method, path, self.keys.key("management"), **params)
+        return r
 
     def call(self, method: str, path: str, **params):
         try:
-            r = self._send(method, path, **params)
+            r = self._authorized(method, path, **params)
         except requests.ConnectionError as exc:
             raise ManagementError(f"TorchServe management API not reachable at {self.url}: {exc}") from None
+        except KeyFileError as exc:
+            raise ManagementError(f"TorchServe management key: {exc}") from None
         except requests.Timeout:
             raise ManagementError(f"{method} {path}: TorchServe did not answer within {self.timeout:g}s "
                                   "(busy? see its ts_log.log)") from None
@@ -72,7 +92,8 @@ class Management:
                 detail = r.json().get("message") or r.text
             except ValueError:
                 detail = r.text.strip() or r.reason
-            hint = _HINTS.get(r.status_code, f"HTTP {r.status_code}")
+            hint = ("TorchServe refused the management key (--key-file / TORCHSERVE_KEY_FILE)" if refused(r)
+                    else _HINTS.get(r.status_code, f"HTTP {r.status_code}"))
             raise ManagementError(f"{method} {path}: {hint}: {detail}", r.status_code)
         try:
             return r.json()

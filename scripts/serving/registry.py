@@ -1,6 +1,6 @@
 """Manage model versions on TorchServe through its management API.
 
-    python -m scripts.serving.registry [--management URL] [--model-store DIR] COMMAND
+    python -m scripts.serving.registry [--management URL] [--key-file FILE] [--model-store DIR] COMMAND
         list                                   every model and version, the default marked *
         describe NAME                          TorchServe's description of every version (JSON)
         register MAR [--name N --version V] [--workers N] [--wait] [--timeout S]
@@ -33,7 +33,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from scripts.serving.management import DEFAULT_MANAGEMENT, Management, ManagementError, ready_workers
+from scripts.serving.management import DEFAULT_KEY_FILE, DEFAULT_MANAGEMENT, Management, ManagementError, ready_workers
 from scripts.serving.model_state import HISTORY_FILE, History, log_promotion
 
 _MAR_NAME = re.compile(r"^(?P<name>.+?)_(?P<version>[^_/]+)\.mar$")
@@ -249,6 +249,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Manage model versions on TorchServe.")
     p.add_argument("--management", default=DEFAULT_MANAGEMENT,
                    help="management API URL (env TORCHSERVE_MANAGEMENT_URL)")
+    p.add_argument("--key-file", default=DEFAULT_KEY_FILE,
+                   help="TorchServe's key_file.json, for the management key (env TORCHSERVE_KEY_FILE)")
     p.add_argument("--model-store", type=Path, default=Path(os.environ.get("MODEL_PATH", "model_store")),
                    help="where archives and .defaults.json live (env MODEL_PATH)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -331,7 +333,7 @@ def _run(api: Management, history: History, args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        _run(Management(args.management), History(args.model_store / HISTORY_FILE), args)
+        _run(Management(args.management, key_file=args.key_file), History(args.model_store / HISTORY_FILE), args)
     except ManagementError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

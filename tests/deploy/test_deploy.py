@@ -36,13 +36,15 @@ from tests.support.deploy_parsing import (address_port, copied_to, copies, distr
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 ECS = DEPLOY / "ecs"
-TASK_DEFINITIONS = {"api": ECS / "api-task-definition.json", "torchserve": ECS / "torchserve-task-definition.json"}
-SERVICES = {"api": ECS / "api-service.json", "torchserve": ECS / "torchserve-service.json"}
-AUTOSCALING = {"api": ECS / "api-autoscaling.json", "torchserve": ECS / "torchserve-autoscaling.json"}
+# TorchServe is a container of the API's task (finding 8 of issue 15): no service of its own.
+TASK_DEFINITIONS = {"api": ECS / "api-task-definition.json"}
+SERVICES = {"api": ECS / "api-service.json"}
+AUTOSCALING = {"api": ECS / "api-autoscaling.json"}
 MODEL_STACK = {"torch", "torchvision", "torchserve", "torch-model-archiver"}
 # boto3 reads these itself (its credential chain); the settings module does not list them.
 BOTO3_CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|PRIVATE|DATABASE_URL|_KEY(_|$)")
+# A *_KEY_FILE names where a key lies (TORCHSERVE_KEY_FILE, on a volume), not the key.
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|PRIVATE|DATABASE_URL|_KEY(?!_FILE$)(_|$)")
 # Fargate's valid task sizes: cpu units -> allowed memory (MiB).
 FARGATE_SIZES = {256: {512, 1024, 2048}, 512: set(range(1024, 4097, 1024)),
                  1024: set(range(2048, 8193, 1024)), 2048: set(range(4096, 16385, 1024)),
@@ -261,19 +263,51 @@ def test_api_task_matches_the_image_and_the_code(api_df, default_settings, api_r
     assert env.get("STORAGE_BACKEND") == "s3" and not env.get("S3_ENDPOINT_URL"), "real S3 on AWS"
 
 
+def container(name: str) -> dict:
+    """One container of the API's task definition."""
+    (c,) = [c for c in read_json(TASK_DEFINITIONS["api"])["containerDefinitions"] if c["name"] == name]
+    return c
+
+
 def test_torchserve_task_matches_the_image_and_the_config(serve_df, default_settings):
-    (c,) = read_json(TASK_DEFINITIONS["torchserve"])["containerDefinitions"]
+    c = container("torchserve")
     ports = ts_ports(container_ts_config())
-    assert sorted(p["containerPort"] for p in c["portMappings"]) == sorted(ports.values())
     cmd = c["healthCheck"]["command"]
     assert cmd[cmd.index("--model") + 1] == default_settings.torchserve_model_name
     assert urlsplit(cmd[-1]).port == ports["management"]
     assert cmd[1:] == healthcheck_command(serve_df), "same probe as the image's"
     assert c["user"] == image_user(serve_df)
-    api = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"][0]
-    api_env = {v["name"]: v["value"] for v in api["environment"]}
-    assert urlsplit(api_env["TORCHSERVE_INFERENCE_URL"]).port == ports["inference"]
-    assert urlsplit(api_env["TORCHSERVE_MANAGEMENT_URL"]).port == ports["management"]
+
+
+def test_torchserve_is_reached_inside_the_api_task_only(serve_df, api_df):
+    """Finding 8 of issue 15: TorchServe runs beside the API in its task. Inference and management
+    bind the task's loopback (its containers share it): no port mapping, load balancer, service
+    registry or security group reaches them; only metrics is mapped, for Prometheus. Its key file
+    lies on a volume of the task, which the API's containers mount to read it."""
+    ts, ports = container("torchserve"), ts_ports(container_ts_config())
+    assert [p["containerPort"] for p in ts["portMappings"]] == [ports["metrics"]]
+    ts_env = {v["name"]: v["value"] for v in ts["environment"]}
+    for kind in ("inference", "management"):
+        assert address_port(ts_env[f"TS_{kind.upper()}_ADDRESS"]) == ("127.0.0.1", ports[kind]), kind
+    assert "enable_envvars_config=true" in (REPO / "config.properties").read_text()
+    serve_env = serve_df.env(serve_df.final_stage)
+    (keys_volume,) = [m["sourceVolume"] for m in ts["mountPoints"] if m["containerPath"] == serve_env["TS_KEY_DIR"]]
+    assert serve_env["TORCHSERVE_KEY_FILE"] == f"{serve_env['TS_KEY_DIR']}/key_file.json", "the health check's key"
+    for client in ("api", "grader"):
+        c = container(client)
+        env = {v["name"]: v["value"] for v in c["environment"]}
+        assert env["TORCHSERVE_INFERENCE_URL"] == f"http://127.0.0.1:{ports['inference']}"
+        assert env["TORCHSERVE_MANAGEMENT_URL"] == f"http://127.0.0.1:{ports['management']}"
+        (mount,) = [m for m in c["mountPoints"] if m["sourceVolume"] == keys_volume]
+        assert env["TORCHSERVE_KEY_FILE"] == f"{mount['containerPath']}/key_file.json"
+        assert mount["readOnly"] is False, "the renewal lock file lies beside the key file"
+        assert {"containerName": "torchserve", "condition": "HEALTHY"} in c["dependsOn"]
+        assert c["user"] == image_user(api_df) == ts["user"], "the key file is mode 0600: one owner"
+    for path in ECS.glob("*-service.json"):
+        service = read_json(path)
+        for lb in service.get("loadBalancers", []):
+            assert lb["containerName"] != "torchserve", f"{path.name}: TorchServe on a load balancer"
+    assert not list(ECS.glob("torchserve-*.json")), "TorchServe is no ECS service of its own"
 
 
 def test_iam_policies_grant_what_the_tasks_use():
@@ -373,6 +407,30 @@ def test_compose_ports_match_torchserve_config_and_api_settings(compose, serve_d
     assert env["HOST"] == "0.0.0.0", "inside a container gunicorn must not bind loopback"
 
 
+def test_compose_shares_torchserve_keys_with_its_clients_only(compose, serve_df, api_df):
+    """Finding 8 of issue 15: TorchServe writes its key file into its keys volume; the containers
+    that call it (API, grader, DICOM receiver) mount that volume where TORCHSERVE_KEY_FILE points,
+    and the API image owns the mount point as the user both images run as (the file is 0600)."""
+    services = compose["services"]
+    serve_env = serve_df.env(serve_df.final_stage)
+
+    def volume_at(service: str, path: str) -> str:
+        (name,) = [v.split(":")[0] for v in services[service]["volumes"] if v.split(":")[1] == path]
+        return name
+
+    keys = volume_at("torchserve", serve_env["TS_KEY_DIR"])
+    assert keys in compose["volumes"]
+    for client in ("api", "grader", "dicom"):
+        key_file = services[client]["environment"]["TORCHSERVE_KEY_FILE"]
+        assert volume_at(client, os.path.dirname(key_file)) == keys, client
+    users = {"api": image_user(api_df), "torchserve": image_user(serve_df)}
+    assert users["api"] == users["torchserve"], users
+    runs = " ".join(i.args for i in api_df.of("RUN", api_df.final_stage))
+    assert os.path.dirname(services["api"]["environment"]["TORCHSERVE_KEY_FILE"]) in runs.split("chown", 1)[1]
+    holders = [name for name, svc in services.items() if any(v.split(":")[0] == keys for v in svc.get("volumes", []))]
+    assert sorted(holders) == ["api", "dicom", "grader", "torchserve"], holders
+
+
 def test_compose_api_environment_is_read_by_the_code(compose, settings_module):
     for name in ("api", "migrate", "dicom"):
         env = compose["services"][name]["environment"]
@@ -390,7 +448,7 @@ def test_env_example_lists_exactly_the_settings(settings_module):
     handler = (REPO / "handlers/dr_handler.py").read_text()
     read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", entrypoint)) | set(re.findall(r'environ.get\("([A-Z_]+)"', handler))
     # Image internals (paths inside the image) are set by the Dockerfile, not by operators.
-    internal = {"TS_CONFIG_FILE", "BAKED_MODELS", "SERVE_LOG_CONFIG", "TEMP"}
+    internal = {"TS_CONFIG_FILE", "BAKED_MODELS", "SERVE_LOG_CONFIG", "TEMP", "TS_KEY_DIR"}
     assert set(serve) == read - internal
     assert "MODEL_PATH" in serve, "the deployment guide's name for the model store"
 
@@ -547,9 +605,9 @@ def test_api_image_installs_what_the_api_imports_and_no_torch(api_df):
 
 def test_serve_image_installs_what_the_handler_and_tools_import():
     req = requirement_names(DEPLOY / "requirements-serve.txt")
-    files = [*(REPO / "handlers").glob("*.py"), DEPLOY / "healthcheck.py",
+    files = [*(REPO / "handlers").glob("*.py"), DEPLOY / "healthcheck.py", REPO / "control_api" / "torchserve_keys.py",
              *(REPO / "scripts" / "serving" / name for name in ("management.py", "registry.py", "model_state.py", "gate.py"))]
-    local = {"handlers", "scripts"} | {p.stem for p in (REPO / "handlers").glob("*.py")}  # the .mar's flat copies
+    local = {"handlers", "scripts", "control_api"} | {p.stem for p in (REPO / "handlers").glob("*.py")}  # the .mar's flat copies
     modules = third_party_imports(files, local=local)
     installed = installed_closure(req)
     missing = {m: d for m, d in distributions_for(modules).items() if not d & installed}
@@ -593,18 +651,22 @@ def test_serve_image_torchserve_config(serve_df, repo_ts_config, compose, defaul
     for kind, port in ts_ports(repo_ts_config).items():
         host, container_port = address_port(cfg[f"{kind}_address"])
         assert (host, container_port) == ("0.0.0.0", port), kind
-    # The health check and the API send no token: authorization must be off, as in the repo.
-    assert cfg["disable_token_authorization"] == repo_ts_config["disable_token_authorization"] == "true"
-    assert cfg["enable_model_api"] == "true", "scripts.serving.registry registers through the management API"
+    # Finding 8 of issue 15: token authorization on, in the repository's config and the image's;
+    # the image registers its models at start (entrypoint.sh --models), so its model API is off,
+    # while `make run` and scripts.serving.registry register through the repository's.
+    assert cfg["disable_token_authorization"] == repo_ts_config["disable_token_authorization"] == "false"
+    assert float(cfg["token_expiration_min"]) > 0
+    assert repo_ts_config["enable_model_api"] == "true" and cfg["enable_model_api"] == "false"
+    assert "--models $SERVE_MODELS" in (DEPLOY / "torchserve" / "entrypoint.sh").read_text()
     assert cfg["metrics_mode"] == "prometheus"
     env = serve_df.env(serve_df.final_stage)
     store = cfg["model_store"]
     assert env["MODEL_PATH"] == store and env["TS_CONFIG_FILE"] == "/home/model-server/config.properties"
     assert any(v.endswith(f":{store}") for v in compose["services"]["torchserve"]["volumes"])
-    (c,) = read_json(TASK_DEFINITIONS["torchserve"])["containerDefinitions"]
+    c = container("torchserve")
     assert store in {m["containerPath"] for m in c["mountPoints"]}, "ECS: the store is a writable volume too"
     volumes = " ".join(i.args for i in serve_df.of("VOLUME", serve_df.final_stage))
-    assert store in volumes and "/tmp" in volumes
+    assert store in volumes and "/tmp" in volumes and env["TS_KEY_DIR"] in volumes
     assert copied_to(serve_df, "torchserve-metrics.yaml") == cfg["metrics_config"]
     allowed = re.compile(cfg["allowed_urls"])
     assert allowed.fullmatch(f"file://{store}/dr_1.1.mar")
@@ -622,7 +684,8 @@ def test_serve_image_healthcheck_asks_for_a_ready_worker(serve_df, default_setti
     # as is the models CLI with what it imports (the entrypoint runs its serve-models at start).
     pythonpath = " ".join(i.args for i in serve_df.of("ENV", serve_df.final_stage)).split("PYTHONPATH=")[1].split()[0]
     for module in ("scripts/__init__.py", "scripts/serving/__init__.py", "scripts/serving/management.py",
-                   "scripts/serving/registry.py", "scripts/serving/model_state.py", "scripts/serving/gate.py"):
+                   "scripts/serving/registry.py", "scripts/serving/model_state.py", "scripts/serving/gate.py",
+                   "control_api/torchserve_keys.py"):
         assert copied_to(serve_df, module) == f"{pythonpath}/{module}"
     assert cmd[cmd.index("--model") + 1] == default_settings.torchserve_model_name
     assert urlsplit(cmd[-1]).port == ts_ports(container_ts_config())["management"]
@@ -663,7 +726,7 @@ def test_compose_tmp_holds_the_uploads_in_flight(default_settings):
 
 def test_the_api_task_runs_the_background_grader():
     """Issue 15, finding 15: pending screenings are graded in every deployment."""
-    api, grader = read_json(TASK_DEFINITIONS["api"])["containerDefinitions"]
+    api, grader = container("api"), container("grader")
     assert grader["command"][:4] == ["flask", "--app", "control_api", "grade-worker"]
     assert grader["image"] == api["image"] and grader["secrets"] == api["secrets"]
     assert {e["name"]: e["value"] for e in grader["environment"]}.items() <= \
@@ -778,9 +841,11 @@ def fake_server():
     server.server_close()
 
 
-def _healthcheck(*args) -> int:
+def _healthcheck(*args, env: dict | None = None) -> int:
+    # As in the serving image, the tools' management client is found through PYTHONPATH.
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), *args],
-                          capture_output=True, timeout=30).returncode
+                          capture_output=True, timeout=30, env=env).returncode
 
 
 @pytest.mark.parametrize("answer, healthy", [

@@ -22,7 +22,7 @@ def new_key(env, role):
 
 
 def torchserve_env(server) -> dict:
-    return {"TORCHSERVE_INFERENCE_URL": server.inference_url, "TORCHSERVE_MANAGEMENT_URL": server.management_url}
+    return server.settings_env()
 
 
 def post_image(api, headers, patient_id, path, eye, form=None, **extra_headers):

@@ -30,3 +30,31 @@ def test_postgres_concurrent_migrations_apply_each_step_once(fresh_pg_url):
     finally:
         for database in databases:
             database.close_all()
+
+
+def test_a_step_gives_up_behind_a_long_transaction_instead_of_queueing_everyone(fresh_pg_url):
+    """Issue 15 (smaller findings): a step waits at most lock_timeout (5 s) for its table locks.
+    Queued behind a long transaction, its own lock request would otherwise queue every request
+    of the API behind it, for as long as that transaction lasts. It fails, nothing of it stays,
+    and it applies once the transaction is over."""
+    import time
+
+    import peewee
+    import psycopg2
+
+    database = database_for(fresh_pg_url)
+    blocker = psycopg2.connect(fresh_pg_url)
+    try:
+        migrations.migrate(database, target=4)
+        with blocker.cursor() as cur:  # what an open write transaction on screening holds
+            cur.execute("LOCK TABLE screening IN ROW EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(peewee.OperationalError, match="lock timeout"):
+            migrations.migrate(database, target=5)  # its foreign key to screening needs a conflicting lock
+        assert 4 < time.monotonic() - started < 30
+        assert migrations.current_version(database) == 4
+        blocker.rollback()
+        assert migrations.migrate(database, target=5) == [5]
+    finally:
+        blocker.close()
+        database.close_all()

@@ -8,7 +8,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def real_client(torchserve):
-    return TorchServeClient(torchserve.inference_url, torchserve.management_url, "dr", 60)
+    return TorchServeClient(torchserve.inference_url, torchserve.management_url, "dr", 60,
+                            key_file=str(torchserve.key_file))
 
 
 def test_real_prediction_follows_the_contract(real_client, sample_paths):

@@ -35,8 +35,7 @@ def sample_jpeg(name: str = "idrid_01.jpg") -> bytes:
 def rx_env(tmp_path_factory, scratch_database, torchserve):
     root = tmp_path_factory.mktemp("dicom")
     env = {"DATABASE_URL": scratch_database.url, "STORAGE_BACKEND": "local", "LOCAL_STORAGE_DIR": str(root / "images"),
-           "TORCHSERVE_INFERENCE_URL": torchserve.inference_url,
-           "TORCHSERVE_MANAGEMENT_URL": torchserve.management_url, "TORCHSERVE_TIMEOUT_SECONDS": "60",
+           **torchserve.settings_env(), "TORCHSERVE_TIMEOUT_SECONDS": "60",
            "DICOM_ALLOWED_AE_TITLES": ALLOWED, "LOG_LEVEL": "DEBUG"}
     result = flask_cli(env, "migrate")
     assert result.returncode == 0, result.stderr

@@ -16,21 +16,22 @@ def onnx_model(torchserve, model_store, tiny_checkpoint):
     module on the shared server and unregistered afterwards."""
     archive.archive(tiny_checkpoint, "1.0", name="dronnx", model_store=model_store, engine="onnx",
                     batch_size=8, max_batch_delay=100, workers=1)
-    r = requests.post(f"{torchserve.management_url}/models", timeout=120,
+    r = requests.post(f"{torchserve.management_url}/models", timeout=120, headers=torchserve.auth("management"),
                       params={"url": "dronnx_1.0.mar", "initial_workers": 1, "synchronous": "true"})
     assert r.status_code == 200, r.text
     try:
         torchserve.wait_model_ready("dronnx", "1.0", timeout=120)
         yield "dronnx"
     finally:
-        requests.delete(f"{torchserve.management_url}/models/dronnx/1.0", timeout=60)
+        requests.delete(f"{torchserve.management_url}/models/dronnx/1.0", timeout=60,
+                        headers=torchserve.auth("management"))
         (model_store / "dronnx_1.0.mar").unlink(missing_ok=True)
         (model_store / "dronnx_1.0.md").unlink(missing_ok=True)
 
 
 def predict(torchserve, name, data, route="predictions"):
     r = requests.post(f"{torchserve.inference_url}/{route}/{name}", data=data, timeout=60,
-                      headers={"Content-Type": "image/jpeg"})
+                      headers={"Content-Type": "image/jpeg", **torchserve.auth()})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -43,7 +44,7 @@ def test_onnx_archive_answers_like_the_eager_one(torchserve, onnx_model, sample_
         if eager["probabilities"]:
             assert max(abs(a - b) for a, b in zip(onnx["probabilities"], eager["probabilities"])) <= 1e-4
     described = requests.get(f"{torchserve.management_url}/models/{onnx_model}/1.0",
-                             params={"customized": "true"}, timeout=30).json()
+                             params={"customized": "true"}, timeout=30, headers=torchserve.auth("management")).json()
     assert described[0]["customizedMetadata"]["engine"]["name"] == "onnx"
 
 

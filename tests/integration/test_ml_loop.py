@@ -105,7 +105,7 @@ def test_readme_loop_runs_as_written(tmp_path):
         assert summary.json()["eyes"]["left"]["model"]["version"] == "1.0"
 
         # A promotion survives a restart: TorchServe started from the saved state comes back on it.
-        api = registry.Management(stack.torchserve.management_url)
+        api = stack.torchserve.management()
         history = model_state.History(store / model_state.HISTORY_FILE)
         registry.promote(api, history, "dr", "1.1", force=True, reason="restart check")
         saved = history.serve_models("dr", store)
@@ -113,5 +113,6 @@ def test_readme_loop_runs_as_written(tmp_path):
     restarted = TorchServe(tmp_path / "ts-again", store, models=saved)
     with restarted:
         restarted.wait_model_ready("dr", "1.1", timeout=180)
-        default = requests.get(f"{restarted.management_url}/models/dr", timeout=30).json()[0]["modelVersion"]
+        default = requests.get(f"{restarted.management_url}/models/dr", timeout=30,
+                               headers=restarted.auth("management")).json()[0]["modelVersion"]
         assert default == "1.1"

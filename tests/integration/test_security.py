@@ -228,7 +228,7 @@ def test_torchserve_management_is_not_reachable_through_the_api(stack, keys, url
         assert call(stack, method, path, admin).status_code == 404, path
 
     ts = stack.torchserve
-    before = requests.get(f"{ts.management_url}/models/dr/all", timeout=10).json()
+    before = requests.get(f"{ts.management_url}/models/dr/all", timeout=10, headers=ts.auth("management")).json()
     for url in ("http://127.0.0.1:1/evil.mar", "https://example.com/dr_9.mar", "file:///etc/passwd"):
         for names in (["--name", "dr", "--version", "9.9"], []):
             result = models_cli(ts, "register", url, *names)
@@ -238,11 +238,13 @@ def test_torchserve_management_is_not_reachable_through_the_api(stack, keys, url
             # Named, TorchServe refuses the URL; unnamed, the tool may stop first as it cannot name it.
             assert "does not match any allowed URL" in message[0] or (
                 not names and "pass --name and --version" in message[0]), message
-    assert requests.get(f"{ts.management_url}/models/dr/all", timeout=10).json() == before
+    assert requests.get(f"{ts.management_url}/models/dr/all", timeout=10,
+                        headers=ts.auth("management")).json() == before
 
 
 def models_cli(ts, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scripts.serving.registry", "--management", ts.management_url, *args],
+    return subprocess.run([sys.executable, "-m", "scripts.serving.registry", "--management", ts.management_url,
+                           "--key-file", str(ts.key_file), *args],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 

@@ -24,7 +24,7 @@ IDRID = (SAMPLES / "idrid_05.jpg").read_bytes()
 def predict(ts, body: bytes, *, explain=False, version=None, **kw) -> requests.Response:
     route = "explanations" if explain else "predictions"
     url = f"{ts.inference_url}/{route}/dr" + (f"/{version}" if version else "")
-    return requests.post(url, data=body, timeout=60, **kw)
+    return requests.post(url, data=body, timeout=60, headers={**ts.auth("inference"), **kw.pop("headers", {})}, **kw)
 
 
 def concurrently(calls):
@@ -59,7 +59,7 @@ def test_prediction_has_the_contract_shape(torchserve):
 
 
 def test_multipart_upload_under_any_field_name_and_a_versioned_route(torchserve):
-    r = requests.post(f"{torchserve.inference_url}/predictions/dr/1.0", timeout=60,
+    r = requests.post(f"{torchserve.inference_url}/predictions/dr/1.0", timeout=60, headers=torchserve.auth(),
                       files={"photo": ("eye.jpg", IDRID, "image/jpeg")}, data={"eye": "right"})
     assert r.status_code == 200, r.text
     assert r.json()["gradable"] is True
@@ -118,14 +118,15 @@ def test_custom_metrics_reach_prometheus(torchserve):
 
 
 def test_model_description_carries_model_meta(torchserve):
-    r = requests.get(f"{torchserve.management_url}/models/dr/1.0", params={"customized": "true"}, timeout=10)
+    r = requests.get(f"{torchserve.management_url}/models/dr/1.0", params={"customized": "true"}, timeout=10,
+                     headers=torchserve.auth("management"))
     assert r.status_code == 200
     meta = r.json()[0]["customizedMetadata"]  # TorchServe embeds the JSON it got
     assert meta["version"] == "1.0" and meta["synthetic"] is True and len(meta["weights_sha256"]) == 64
 
 
 def test_remote_and_outside_urls_are_refused_for_registration(torchserve, model_store):
-    api = management.Management(torchserve.management_url)
+    api = torchserve.management()
     for url in ("http://example.com/dr_9.mar", "https://127.0.0.1:1/dr_9.mar", "file:///etc/passwd"):
         with pytest.raises(management.ManagementError, match="does not match any allowed URL") as info:
             models.register(api, url, model_store=model_store, name="dr", version="9", wait=False)
@@ -134,7 +135,8 @@ def test_remote_and_outside_urls_are_refused_for_registration(torchserve, model_
 
 
 def test_register_promote_rollback_unregister(torchserve, model_store, capsys):
-    cli = ["--management", torchserve.management_url, "--model-store", str(model_store)]
+    cli = ["--management", torchserve.management_url, "--key-file", str(torchserve.key_file),
+           "--model-store", str(model_store)]
     history = model_store / models.HISTORY_FILE
     try:
         assert models.main(cli + ["register", "dr_2.0.mar", "--wait"]) == 0
@@ -171,7 +173,7 @@ def test_register_promote_rollback_unregister(torchserve, model_store, capsys):
         assert models.main(cli + ["unregister", "dr", "2.0"]) == 1
         assert "not found" in capsys.readouterr().err
     finally:  # later tests share this server: leave 1.0 the only, default version
-        api = management.Management(torchserve.management_url)
+        api = torchserve.management()
         if models.default_version(api, "dr") != "1.0":
             api.call("PUT", "/models/dr/1.0/set-default")
         if "2.0" in [v["version"] for v in models.versions(api, "dr")]:

@@ -54,3 +54,16 @@ def test_bad_values_name_the_variable(env, name):
 def test_settings_are_frozen():
     with pytest.raises(Exception):
         Settings().port = 1
+
+
+def test_the_database_deadline_fits_in_torchserves_window():
+    """Finding 13 of issue 15: a request may wait on the database twice (a pooled connection's
+    check, then a statement); with a black-holed database its 503 must still come within the
+    window TORCHSERVE_TIMEOUT_SECONDS gives a request waiting on TorchServe."""
+    assert Settings.from_env({}).database_deadline_seconds == 10.0
+    assert Settings.from_env({"TORCHSERVE_TIMEOUT_SECONDS": "12"}).database_deadline_seconds == 4.0
+    assert Settings.from_env({"DATABASE_STATEMENT_TIMEOUT_SECONDS": "15"}).database_deadline_seconds == 15.0
+    with pytest.raises(SettingsError, match="at most half of TORCHSERVE_TIMEOUT_SECONDS"):
+        Settings.from_env({"DATABASE_STATEMENT_TIMEOUT_SECONDS": "16"})
+    with pytest.raises(SettingsError, match="at most half"):
+        Settings.from_env({"DATABASE_STATEMENT_TIMEOUT_SECONDS": "5", "TORCHSERVE_TIMEOUT_SECONDS": "8"})

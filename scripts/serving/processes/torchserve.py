@@ -5,6 +5,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import requests
+
+from control_api.torchserve_keys import TorchServeKeys, refused
 from scripts.serving.management import Management, any_ready
 from scripts.serving.processes.base import REPO, VENV_BIN, Process, free_port
 
@@ -31,6 +34,10 @@ class TorchServe(Process):
         self.ready_url = f"{self.inference_url}/ping"  # Healthy before any model loads: see wait_model_ready
         self.log_dir = self.workdir / "logs"
         self.config_path = self.workdir / "config.properties"
+        # Token authorization is on (config.properties): TorchServe writes its keys into its
+        # working directory, this process's workdir, at start.
+        self.key_file = self.workdir / "key_file.json"
+        self.token_auth = True  # unless the config turns it off (_write_config)
 
     def _write_config(self) -> None:
         props: dict[str, str] = {}
@@ -55,6 +62,7 @@ class TorchServe(Process):
         if "metrics_config" in props and not os.path.isabs(props["metrics_config"]):
             props["metrics_config"] = str(self.base_config.parent / props["metrics_config"])
         props.update({k: str(v) for k, v in self.overrides.items()})
+        self.token_auth = props.get("disable_token_authorization", "false").lower() != "true"
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
 
     def command(self) -> list[str]:
@@ -72,14 +80,37 @@ class TorchServe(Process):
         self.env.update({"TEMP": str(tmp), "LOG_LOCATION": str(self.log_dir),
                          "METRICS_LOCATION": str(self.log_dir), "PYTHONPATH": str(REPO)})
         self._write_config()
+        self.key_file.unlink(missing_ok=True)  # a previous run's keys: never valid for this one
         return super().start(timeout)
 
+    def wait_ready(self, timeout: float) -> None:
+        self.wait_until(lambda: requests.get(self.ready_url, headers=self.auth(), timeout=2).status_code == 200,
+                        timeout, f"{self.name} on {self.ready_url}")
+
     def settings_env(self) -> dict[str, str]:
-        """The API's environment for this server."""
-        return {"TORCHSERVE_INFERENCE_URL": self.inference_url, "TORCHSERVE_MANAGEMENT_URL": self.management_url}
+        """The API's (and the tools') environment for this server."""
+        return {"TORCHSERVE_INFERENCE_URL": self.inference_url, "TORCHSERVE_MANAGEMENT_URL": self.management_url,
+                "TORCHSERVE_KEY_FILE": str(self.key_file)}
+
+    def management(self, timeout: float = 5) -> Management:
+        """The tools' management client for this server, with its key file."""
+        return Management(self.management_url, timeout=timeout, key_file=str(self.key_file))
+
+    def auth(self, kind: str = "inference") -> dict[str, str]:
+        """The Authorization header with this server's current `kind` key (inference or management),
+        for callers that speak to TorchServe with plain requests (tests, benchmarks); none when
+        this server runs without token authorization."""
+        if not self.token_auth:
+            return {}
+        keys = TorchServeKeys(self.key_file, self.management_url)
+        key = keys.key(kind)
+        probe = f"{self.inference_url}/ping" if kind == "inference" else f"{self.management_url}/models"
+        if refused(requests.get(probe, headers=keys.headers(key), timeout=10)):  # expired: renew
+            keys.renew(kind, key)
+        return keys.headers(keys.key(kind))
 
     def model_status(self, name: str, version: str | None = None) -> list[dict]:
-        return Management(self.management_url, timeout=5).describe(name, version)
+        return self.management().describe(name, version)
 
     def wait_model_ready(self, name: str, version: str | None = None, timeout: float = 120) -> None:
         """/ping says Healthy before the model loads: readiness is a READY worker."""
