@@ -21,7 +21,10 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 from control_api.torchserve_keys import KeyFileError, TorchServeKeys, refused
 
 DEFAULT_MANAGEMENT = os.environ.get("TORCHSERVE_MANAGEMENT_URL", "http://127.0.0.1:8081")
-DEFAULT_KEY_FILE = os.environ.get("TORCHSERVE_KEY_FILE", "")
+# `make run` keeps TorchServe's key file here; the README runs the tools from the repository root.
+MAKE_RUN_KEY_FILE = "var/torchserve/key_file.json"
+DEFAULT_KEY_FILE = (os.environ.get("TORCHSERVE_KEY_FILE")
+                    or (MAKE_RUN_KEY_FILE if os.path.exists(MAKE_RUN_KEY_FILE) else ""))
 
 
 def ready_workers(description: dict) -> int:
