@@ -93,7 +93,8 @@ def _banner(api_url: str, env: dict, dicom: DicomReceiver) -> str:
    API          {api_url}          docs: {api_url}/api/v1/docs
    TorchServe   http://127.0.0.1:8080 (inference), :8081 (management), :8082/metrics
                 token authorization on: keys in {env.get("TORCHSERVE_KEY_FILE", "its key_file.json")}
-                (export TORCHSERVE_KEY_FILE=... for python -m scripts.serving.registry)
+                (python -m scripts.serving.registry reads var/torchserve/key_file.json from the
+                repository root; elsewhere export TORCHSERVE_KEY_FILE=that path)
    DICOM        AE title CLARITY on 127.0.0.1:{dicom.port}, health and metrics on :{dicom.health_port}
                 calling AE titles allowed: {dicom.env.get("DICOM_ALLOWED_AE_TITLES") or "none (set DICOM_ALLOWED_AE_TITLES)"}
  The demo model is trained on SYNTHETIC images: its grades are not for clinical use.
