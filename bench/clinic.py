@@ -98,6 +98,10 @@ def paired(a_label, a_send, b_label, b_send, concurrency, args, ok_b=(201,), ok_
         sampler = getattr(args, "sampler", None)
         rounds.append((cell(a_label, a_send, concurrency, args.requests, ok=ok_a, sampler=sampler),
                        cell(b_label, b_send, concurrency, args.requests, ok=ok_b, sampler=sampler)))
+    dead = [c for pair in rounds for c in pair if not c["ok"]]
+    if dead:  # a system that answers nothing is broken, not slow: stop here, saying how
+        raise RuntimeError(f"{dead[0]['label']}: no request answered {ok_a if dead[0]['label'] == a_label else ok_b}"
+                           f" (got {dead[0]['errors']})")
     ratios = [b["throughput_rps"] / a["throughput_rps"] for a, b in rounds if a["throughput_rps"]]
     added = [b["p50_ms"] - a["p50_ms"] for a, b in rounds if "p50_ms" in a and "p50_ms" in b]
     return {"a": a_label, "b": b_label, "concurrency": concurrency, "rounds": [[a, b] for a, b in rounds],

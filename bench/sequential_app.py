@@ -15,7 +15,7 @@ import flask
 from control_api import storage
 from control_api.blueprints import screenings
 
-screenings.ask_early = lambda client, screening, image: None  # the view looks the name up per call
+screenings.ask_early = lambda *args, **kwargs: None  # the view looks the name up per call
 storage._fsync_dir = lambda path: None
 
 from control_api.wsgi import app  # noqa: E402  (after the patches, on purpose)
