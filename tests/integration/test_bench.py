@@ -81,3 +81,16 @@ def test_scaling_and_soak(smoke_report):
     assert level["explain"]["list"] and level["explain"]["summary"]
     soak = report["scaling"]["soak"]
     assert soak["ok"] == soak["requests"] and len(soak["samples"]) >= 3
+
+
+def test_clinic_smoke_answers_every_cell(tmp_path, pg_database):
+    """`make bench-smoke`: bench.clinic's smoke run, every system it compares answering (a cell
+    where nothing answers stops the run, e.g. the 'before' app of bench/sequential_app.py)."""
+    from bench import clinic
+    assert clinic.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "clinic.json").read_text())
+    rows = [row for key in ("api_vs_torchserve", "before_after", "resend", "naive", "engines") for row in report[key]]
+    assert {row["b"] for row in report["before_after"]} == {"api embedded"}
+    for row in rows:
+        assert row["throughput_ratio_b_over_a"] > 0, row["b"]
+    assert (tmp_path / "clinic.md").read_text().startswith("# The clinic's case")
