@@ -102,10 +102,16 @@ def paired(a_label, a_send, b_label, b_send, concurrency, args, ok_b=(201,), ok_
     if dead:  # a system that answers nothing is broken, not slow: stop here, saying how
         raise RuntimeError(f"{dead[0]['label']}: no request answered {ok_a if dead[0]['label'] == a_label else ok_b}"
                            f" (got {dead[0]['errors']})")
+    return {"a": a_label, "b": b_label, "concurrency": concurrency, "rounds": [[a, b] for a, b in rounds],
+            **compare(rounds)}
+
+
+def compare(rounds) -> dict:
+    """B against A over (a_cell, b_cell) rounds: B's throughput over A's per round (median and
+    range) and B's p50 minus A's (median)."""
     ratios = [b["throughput_rps"] / a["throughput_rps"] for a, b in rounds if a["throughput_rps"]]
     added = [b["p50_ms"] - a["p50_ms"] for a, b in rounds if "p50_ms" in a and "p50_ms" in b]
-    return {"a": a_label, "b": b_label, "concurrency": concurrency, "rounds": [[a, b] for a, b in rounds],
-            "throughput_ratio_b_over_a": round(statistics.median(ratios), 3) if ratios else None,
+    return {"throughput_ratio_b_over_a": round(statistics.median(ratios), 3) if ratios else None,
             "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)] if ratios else None,
             "added_p50_ms": round(statistics.median(added), 1) if added else None}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -24,10 +23,7 @@ from bench.driver import MemorySampler
 
 
 def _ratios(rounds: list[dict], a: str, b: str) -> dict:
-    r = [x[b]["throughput_rps"] / x[a]["throughput_rps"] for x in rounds if x[a]["throughput_rps"]]
-    added = [x[b]["p50_ms"] - x[a]["p50_ms"] for x in rounds if "p50_ms" in x[a] and "p50_ms" in x[b]]
-    return {"throughput_ratio": round(statistics.median(r), 3), "range": [round(min(r), 3), round(max(r), 3)],
-            "added_p50_ms": round(statistics.median(added), 1) if added else None}
+    return clinic.compare([(x[a], x[b]) for x in rounds])
 
 
 def main(argv=None) -> int:
