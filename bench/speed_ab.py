@@ -51,7 +51,7 @@ def main(argv=None) -> int:
                             label="before", repo=args.before.resolve()) as before, \
                 systems.api(tmp / "after", ts, args.backend, photos[:1], sampler, workers=workers,
                             label="after", repo=args.after.resolve() if args.after else None) as after:
-            sends = {"torchserve": (clinic.predict_sender(ts.inference_url, datas, False), (200,)),
+            sends = {"torchserve": (clinic.predict_sender(ts.inference_url, datas, False, auth=ts.auth()), (200,)),
                      "before": (clinic.upload_sender(before, datas, False), (201,)),
                      "after": (clinic.upload_sender(after, datas, False), (201,))}
             for c in args.concurrency:

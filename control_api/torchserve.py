@@ -64,6 +64,15 @@ NOT_FOUND = ("ModelNotFoundException", "ModelVersionNotFoundException")
 # How long an API process trusts the default version it last read (the result cache's key).
 DEFAULT_VERSION_TTL_SECONDS = 5.0
 
+# At the in-flight bound, an upload waits this long for a slot, but only while TorchServe is
+# answering (an answer came within ANSWERING_WINDOW_SECONDS): a busy TorchServe frees a slot
+# within one inference, and turning such an upload away made a healthy, merely busy system
+# answer 202 pending (5-18% of uploads at 8 concurrent clients on 2 cores). With TorchServe
+# hung no answer comes, nothing waits, and extra uploads are pending at once as before, so a
+# thread stays free for /healthz.
+ADMISSION_WAIT_SECONDS = 2.0
+ANSWERING_WINDOW_SECONDS = 2.0
+
 # Only a refused or reset connection is retried: the request never reached a worker, so
 # asking again cannot double any work. A timeout is not retried, it already cost the budget.
 _retry_connect = retry(retry=retry_if_exception_type(requests.ConnectionError),
@@ -88,6 +97,7 @@ class TorchServeClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._default: tuple[str | None, float] | None = None  # (version, when read)
+        self._last_answer = float("-inf")  # time.monotonic() of TorchServe's latest answer
         # TorchServe's token authorization: the keys from its key file (torchserve_keys.py).
         self.keys = TorchServeKeys(key_file, self.management_url)
 
@@ -102,13 +112,14 @@ class TorchServeClient:
     def _ask(self, api: str, image: bytes, content_type: str, version: str | None) -> dict:
         url = f"{self.inference_url}/{api}/{self.model_name}" + (f"/{version}" if version else "")
         operation = "predict" if api == "predictions" else "explain"
-        if self.in_flight is not None and not self.in_flight.acquire(blocking=False):
+        if self.in_flight is not None and not self._admit():
             metrics.TORCHSERVE_SECONDS.labels(operation, "busy").observe(0)
             raise TorchServeUnavailable("this process already waits on as many predictions as it allows")
         started = time.perf_counter()
         outcome = "error"
         try:
             response = self._post(url, image, content_type)
+            self._last_answer = time.monotonic()
             outcome = str(response.status_code)
             return self._prediction(response, version)
         except requests.Timeout:
@@ -122,6 +133,15 @@ class TorchServeClient:
             metrics.TORCHSERVE_SECONDS.labels(operation, outcome).observe(time.perf_counter() - started)
             if self.in_flight is not None:
                 self.in_flight.release()
+
+    def _admit(self) -> bool:
+        """A prediction slot: at once if one is free, else after a short wait while TorchServe
+        is answering (ADMISSION_WAIT_SECONDS says why); False when none came."""
+        if self.in_flight.acquire(blocking=False):
+            return True
+        if time.monotonic() - self._last_answer > ANSWERING_WINDOW_SECONDS:
+            return False
+        return self.in_flight.acquire(timeout=ADMISSION_WAIT_SECONDS)
 
     def _post(self, url: str, image: bytes, content_type: str) -> requests.Response:
         return self._with_key("inference", lambda auth: self._send_post(url, image, content_type, auth))

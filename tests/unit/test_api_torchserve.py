@@ -3,6 +3,7 @@
 These tests talk to a throwaway http.server stub; tests/integration/test_api_torchserve_live.py to a
 real TorchServe serving the tiny test model (tests/plugins/model.py)."""
 import json
+from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -146,3 +147,36 @@ def test_models_and_readiness(stub):
     stub.answer = (404, {"code": 404, "type": "ModelNotFoundException"}, 0)
     with pytest.raises(UnknownModelVersion):
         client.models()
+
+
+def _bounded(url, in_flight=1, timeout=5.0):
+    return TorchServeClient(url, url, "dr", timeout, max_in_flight=in_flight)
+
+
+def test_at_the_bound_an_answering_torchserve_is_waited_for(stub):
+    """A busy but answering TorchServe frees a slot within one inference: the extra prediction
+    waits for it instead of being turned away (which answered uploads 202 pending)."""
+    client = _bounded(stub.url)
+    client.predict(b"x", "image/jpeg")  # TorchServe has answered just now
+    stub.answer = (200, PREDICTION, 0.3)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.predict, b"a", "image/jpeg")
+        time.sleep(0.1)  # the first holds the only slot
+        second = pool.submit(client.predict, b"b", "image/jpeg")
+        assert first.result() == PREDICTION and second.result() == PREDICTION
+    assert len(stub.requests) == 3
+
+
+def test_at_the_bound_a_silent_torchserve_turns_the_extra_prediction_away_at_once(stub):
+    """No answer yet (hung since start): the extra prediction is unavailable at once, so a
+    thread stays free for health checks."""
+    stub.answer = (200, PREDICTION, 1.0)
+    client = _bounded(stub.url)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.predict, b"a", "image/jpeg")
+        time.sleep(0.2)
+        started = time.monotonic()
+        with pytest.raises(TorchServeUnavailable, match="as many predictions"):
+            client.predict(b"b", "image/jpeg")
+        assert time.monotonic() - started < 1.0  # not the 2 s admission wait
+        first.result()
