@@ -1,7 +1,8 @@
 """The benchmark report's README.md, section by section, from report.json's content."""
 from __future__ import annotations
 
-from bench.ratios import RATIO_KEYS, at, cells, div
+from bench import clinic
+from bench.ratios import INT8_AGREEMENT, cells, div, int8_adoptable
 
 
 def _fmt(v, nd=2):
@@ -9,8 +10,8 @@ def _fmt(v, nd=2):
         return "–"
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:,.{nd}f}"
+    if isinstance(v, float):  # small figures (probability differences) keep their digits
+        return f"{v:.2e}" if 0 < abs(v) < 0.01 else f"{v:,.{nd}f}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
@@ -30,17 +31,15 @@ def _mem_total(cell) -> float | None:
 
 NOTES = [
     "Closed-loop load: each client thread waits for its answer before sending the next request, so "
-    "throughput at concurrency c is what c busy clients get; the client (Python, requests) shares the "
-    "2 cores with the servers it measures and costs every system about the same.",
-    "The limit is what this machine does with no server at all: `fundus.prepare` and the eager forward pass "
-    "in a loop, in one process and in one process per core started together. Every server is compared "
-    "with the best of these runs.",
+    "throughput at concurrency c is what c busy clients get.",
+    "Everything shares the same 2 cores: the load client (Python, requests), the API (gunicorn), TorchServe "
+    "(Java frontend + Python workers), SeaweedFS, PostgreSQL, the naive server and the in-process runs. A cell "
+    "measures a system together with its client, so each system pays the client's CPU alike.",
+    "Ratios come from cells measured side by side in one run; the clinic's comparisons are paired and "
+    "interleaved round by round, the ratio taken per round (median, range), so they survive a busy or drifting "
+    "machine better than absolute numbers. The load average is recorded per cell.",
     "Every TorchServe and naive process imports the CUDA build of torch (see DESIGN.md): `import torch` "
     "alone is about 680 MB RSS here, which is most of each worker's memory; the model adds tens of MB.",
-    "The naive server does less than the API: it stores nothing and writes no rows. Ours is compared "
-    "with it anyway, end to end through the API, and with the faster of its two thread settings.",
-    "Ratios are measured side by side in one run, so they survive a busy machine better than absolute "
-    "numbers; the load average before each cell is in its row.",
     "This VM's speed drifts: re-measured minutes apart on a quiet machine, one TorchServe cell gave 17–30 req/s "
     "and the in-process limit 31–45 img/s (findings.md). One cell that stands out from its neighbours is more "
     "likely drift than a setting; a gain that holds at every concurrency is not.",
@@ -55,8 +54,8 @@ def _busy(meta: dict, machine: dict) -> bool:
 
 def markdown(report: dict) -> str:
     L = []
-    for section in (_header, _targets, _limit, _load_tables, _side_by_side, _memory, _optimisations, _scaling,
-                    _soak, _closing):
+    for section in (_header, _targets, _clinic, _engine, _further, _in_process, _load_tables, _memory,
+                    _optimisations, _scaling, _soak, _closing):
         L += section(report)
     return "\n".join(L)
 
@@ -90,47 +89,93 @@ def _run_facts(report: dict) -> list[str]:
           + " (the end value is mostly the benchmark's own load: servers and client on every core).",
           f"- Versions: Python {ver.get('python')}, torch {ver.get('torch')}, torchvision {ver.get('torchvision')}, "
           f"TorchServe {ver.get('torchserve')}, Pillow {ver.get('pillow')}, gunicorn {ver.get('gunicorn')}, "
-          f"{ver.get('java')}; git {str(ver.get('git_sha'))[:12]}"
+          f"ONNX Runtime {ver.get('onnxruntime')}, {ver.get('java')}; git commit {str(ver.get('git_sha'))[:12]}"
           + (f" with uncommitted changes in {', '.join(ver.get('git_uncommitted_code'))}" if ver.get("git_uncommitted_code") else ""),
           f"- Model: `{model.get('arch')}` at {model.get('input_size')} px from `{model.get('path')}`"
           + (" (**stand-in**: random weights, same architecture as the demo model)" if model.get("standin") else ""),
-          f"- Inputs ({len(report.get('inputs', []))}): "
+          "- Inputs of the clinic section and the limit: "
+          + ", ".join(f"{i['name']} ({i['megapixels']} MP, {i['bytes'] // 1024} KB)"
+                      for i in (report.get("clinic") or {}).get("inputs", [])),
+          f"- Inputs of the further sections ({len(report.get('inputs', []))}): "
           + ", ".join(f"{i['name']} ({i['megapixels']} MP, {i['bytes'] // 1024} KB)" for i in report.get("inputs", [])),
-          f"- Load: closed loop, {st.get('requests_per_cell')} measured requests per cell after a warm-up, request i "
-          f"sends input i mod {len(report.get('inputs', []))}; one `requests.Session` (keep-alive) per client thread; "
-          "the client runs on the same 2 cores.",
-          f"- TorchServe configurations (batch-delay-workers-threads): "
+          "- What shares the cores: the load client, the API (gunicorn), TorchServe, SeaweedFS and PostgreSQL all "
+          f"run on the same {m.get('logical_cores')} cores, with nothing else of this run beside them.",
+          f"- TorchServe matrix (batch-delay-workers-threads): "
           + ", ".join(c["tag"] for c in st.get("torchserve_configs", []) + st.get("torchserve_variants", []))
-          + f"; the API's TorchServe: {(st.get('api_torchserve_config') or {}).get('tag')}.",
+          + f"; the clinic's TorchServe: {(st.get('api_torchserve_config') or {}).get('tag')}; "
+          f"{st.get('requests_per_cell')} requests per matrix cell, {st.get('clinic_requests_per_cell')} per clinic "
+          f"cell in {st.get('clinic_rounds')} interleaved round(s).",
           ""]
 
 
 def _targets(report: dict) -> list[str]:
+    verdict = {True: "**met**", False: "**not met**", None: "not measured"}
+    L = ["## Targets", "",
+         "Issue 14's targets, each judged on this run's cells (bench/ratios.py): a target over cells is met only "
+         "if every cell meets it, and the value shown is the worst cell.", ""]
+    L += _table(["item", "target", "measured", "where", "met"],
+                [[t["item"], t["target"], _fmt(t["value"], 3), t["where"], verdict[t["met"]]] for t in report["targets"]])
+    if report.get("limit_note"):
+        L += [f"> {report['limit_note']}", ""]
     r = report["ratios"]
-    verdict = {True: "**met**", False: "**missed**", None: "not measured"}
-    L = ["## Targets", ""]
-    L += _table(["target", "measured", "rule", "met", "margin"],
-                [[t["target"], t["value"], t["rule"], verdict[t["met"]], t["margin"]] for t in report["targets"]])
-    L += ["## Ratios", ""]
+    L += ["## Ratios", "",
+          "Like with like only: the same inputs at the same concurrency in this run.", ""]
     return L + _table(["ratio", "value", "what it compares"],
-                      [[k, r["values"].get(k), r["compares"].get(k, "")] for k in RATIO_KEYS])
+                      [[k, _fmt(v, 3), r["compares"].get(k, "")] for k, v in r["values"].items()])
 
 
-def _limit(report: dict) -> list[str]:
-    limit = report.get("limit")
+def _clinic(report: dict) -> list[str]:
+    c = report.get("clinic")
+    if not c:
+        return []
+    return ["# The clinic's case: 9–12 MP fundus JPEGs, paired cells", "", *clinic.conditions(c), *clinic.sections(c)]
+
+
+def _engine(report: dict) -> list[str]:
+    e = report.get("engine")
+    if not e:
+        return []
+    cond = e.get("conditions", {})
+    L = ["## Inference engines in-process (issue 14 item 2)", "",
+         f"`bench/engine.py`: eager PyTorch, ONNX Runtime fp32 and static int8, {cond.get('threads_per_engine')} thread "
+         f"each, interleaved in {cond.get('rounds')} round(s), ratio to eager per round (median, range); torch "
+         f"{cond.get('torch')}, ONNX Runtime {cond.get('onnxruntime')}; load average (1/5/15) before and after each "
+         f"network: {cond.get('load_average_1_5_15')}. EfficientNet-B0 has random weights (speed does not depend on "
+         "them).", ""]
+    L += _table(["network", "input px", "batch", "engine", "ms/image", "images/s", "× eager (range)"],
+                [[x["network"], x["input_px"], x["batch"], x["engine"], x["ms_per_image"], x["images_per_s"],
+                  f"{x['speedup_vs_eager']} ({x['speedup_range'][0]}–{x['speedup_range'][1]})"] for x in e["speed"]])
+    a = e.get("agreement_demo") or {}
+    if a:
+        L += [f"Agreement with eager on the demo network (trained weights): grades on {len(a.get('samples', {}))} "
+              f"sample photographs, probabilities on {a.get('heldout_images')} held-out synthetic images.", ""]
+        L += _table(["engine", "sample grades identical", "largest probability difference", "grade agreement", "QWK",
+                     "referable agreement"],
+                    [[k, v["sample_grades_identical"], f"{v['max_probability_difference']:.2e}",
+                      *(f"{v[key]:.4f}" for key in ("grade_agreement", "quadratic_kappa_vs_eager", "referable_agreement"))]
+                     for k, v in a.items() if isinstance(v, dict) and "grade_agreement" in v])
+        adopt = int8_adoptable(a)
+        if adopt is not None:
+            L += [f"int8 is adopted only where its agreement (grade, QWK, referable) is at least {INT8_AGREEMENT}: "
+                  + ("**adoptable** in this run." if adopt else "**not adoptable** in this run."), ""]
+    return L
+
+
+def _further(report: dict) -> list[str]:
+    return ["# Further measurements", "",
+            "On the 13 mixed inputs (the sample photographs and 1/3/9 MP JPEG and PNG copies): what each step "
+            "costs, TorchServe's batch settings, memory and the database. No target is judged on these.", ""]
+
+
+def _in_process(report: dict) -> list[str]:
+    limit = report.get("in_process")
     if not limit:
         return []
-    L = ["## The limit: in-process, no server", ""]
-    L += _table(["batch", "processes", "torch threads", "requests", "img/s", "p50 ms", "p95 ms", "p99 ms"],
-                [[x["batch"], x["processes"], x["torch_threads"], x["requests"], x["throughput_rps"],
-                  x.get("p50_ms"), x.get("p95_ms"), x.get("p99_ms")] for x in limit.get("runs", [])])
-    L += ["Latency of a batched run is the time of the batch each image was in. Peak RSS of this process: "
-          f"{limit.get('peak_rss_mb_in_process')} MB.", "",
-          "### Preprocessing, step by step (median ms)", "",
-          "decode = `fundus.decode` (JPEG draft mode, then box reduction); disc = `find_disc`; crop = `crop_disc` "
-          "to the input size; quality = `assess_quality`; normalise = `preprocess_image` (retina mask, Ben Graham, "
-          "normalisation); prepare = `fundus.prepare` (all of it, one call). The reference is a full decode plus "
-          "a resize of the whole photograph to the input size.", ""]
+    L = ["## Preprocessing, step by step (median ms)", "",
+         "decode = `fundus.decode` (JPEG draft mode, then box reduction); disc = `find_disc`; crop = `crop_disc` "
+         "to the input size; quality = `assess_quality`; normalise = `preprocess_image` (retina mask, Ben Graham, "
+         "normalisation); prepare = `fundus.prepare` (all of it, one call). The reference is a full decode plus "
+         "a resize of the whole photograph to the input size.", ""]
     L += _table(["input", "MP", "decode", "disc", "crop", "quality", "normalise", "prepare",
                  "decode no draft", "prepare no draft", "full decode", "full decode + resize", "prepare ÷ ref"],
                 [[x["input"], x["megapixels"], x["decode"], x.get("disc"), x.get("crop"), x.get("quality"),
@@ -141,7 +186,7 @@ def _limit(report: dict) -> list[str]:
     L += [f"Draft mode vs full decode, same inputs: {a.get('same_quality_verdict')}/{a.get('inputs')} same quality "
           f"verdict, {a.get('same_grade')}/{a.get('graded_both')} same grade, largest probability difference "
           f"{a.get('max_abs_probability_difference')}.", "",
-          "### Forward pass alone (median ms)", ""]
+          "## Forward pass alone (median ms)", ""]
     L += _table(["torch threads", "batch", "eager", "TorchScript (trace + freeze)", "max |Δ logit|"],
                 [[x["threads"], x["batch"], x["eager_ms"], x["torchscript_ms"],
                   f"{x['torchscript_max_abs_logit_diff']:.1e}"] for x in limit.get("forward", [])])
@@ -153,7 +198,7 @@ def _limit(report: dict) -> list[str]:
 def _api_hops(hops: list) -> list[str]:
     L = []
     if hops:
-        L += ["### The API's own work per upload, in-process (median ms)", "",
+        L += ["## The API's own work per upload, in-process (median ms)", "",
               "inspect = `control_api.images.inspect` (format sniffing, then the header: what every upload "
               "costs now); before = the check it replaced, the header then a decode (JPEG at 1/8 scale, PNG in "
               "full; `images.verify_decodable`, which now runs only when TorchServe cannot answer); local put = "
@@ -184,7 +229,7 @@ def _load_tables(report: dict) -> list[str]:
     st, L = report.get("settings", {}), []
     head, server_head, load_rows = HEAD, SERVER_HEAD, _load_rows
     if cells(report, "torchserve"):
-        L += ["## TorchServe `/predictions/dr`", "",
+        L += ["## TorchServe `/predictions/dr`: batch settings", "",
               "Config tag: b = batchSize, d = maxBatchDelay ms, w = workers (`wcores`: not pinned in the archive, so "
               "TorchServe starts one per CPU core; the workers column says how many it started), t = torch threads "
               "per worker. Peak RSS is the whole TorchServe tree (Java frontend + Python workers) during the cell. "
@@ -197,39 +242,6 @@ def _load_tables(report: dict) -> list[str]:
                   + "; ".join(f"{v['tag']} ({v.get('replaced_by_defaults')})" for v in replaced) + ".", ""]
         L += _table(["config", "before", "workers", *head, *server_head],
                     load_rows(cells(report, "torchserve"), ["config", "variant", "torchserve_workers"], server=True))
-    if cells(report, "api"):
-        L += ["## The API end to end", "",
-              "`POST /api/v1/patients/{id}/screenings` (multipart image + eye): auth, image check, SHA-256, storage, "
-              "database row, TorchServe, grading row, audit row, answer. gunicorn gthread "
-              f"{cells(report, 'api')[0].get('gunicorn_workers')} workers × {cells(report, 'api')[0].get('gunicorn_threads')} "
-              "threads. Peak RSS is the gunicorn tree (SeaweedFS is listed under Memory).", ""]
-        L += _table(["backend", *head, *server_head], load_rows(cells(report, "api"), ["backend"], server=True))
-    if cells(report, "naive"):
-        L += ["## The naive server", "",
-              "`bench/naive_server.py` under `gunicorn -w 1 -k sync`: one process, one request at a time, the model "
-              "in-process, the same `fundus.prepare`, one image per forward pass, nothing stored. Run twice: with "
-              "torch's default threads (one per core, what a naive container gets) and with one thread.", ""]
-        L += _table(["torch threads", *head], load_rows(cells(report, "naive"), ["torch_threads"]))
-    return L
-
-
-def _side_by_side(report: dict) -> list[str]:
-    st, L = report.get("settings", {}), []
-    api_tag = (st.get("api_torchserve_config") or {}).get("tag")
-    conc = st.get("concurrency", [])
-    if conc and report.get("cells"):
-        L += ["## Side by side (req/s, p99 ms)", ""]
-        systems = [("TorchServe " + str(api_tag), cells(report, "torchserve", config=api_tag)),
-                   ("API embedded", cells(report, "api", backend="embedded")),
-                   ("API PostgreSQL + S3", cells(report, "api", backend="postgres-s3")),
-                   ("naive (default threads)", cells(report, "naive", torch_threads="default")),
-                   ("naive (1 thread)", cells(report, "naive", torch_threads=1))]
-        rows = []
-        for name, found in systems:
-            if found:
-                rows.append([name] + [(f"{c['throughput_rps']:.2f} / {_fmt(c.get('p99_ms'), 0)}" if c else "–")
-                                      for c in (at(found, k) for k in conc)])
-        L += _table(["system", *[f"c={k}" for k in conc]], rows)
     return L
 
 
