@@ -237,7 +237,8 @@ def engines(tmp: Path, ck_path: Path, ck_sha: str, datas, args, sampler) -> list
             for engine in ("eager", "onnx"):
                 mar = archive.archive(ck, engine, model_store=store / engine, engine=engine, batch_size=8,
                                       max_batch_delay=5, torch_threads=1)
-                server = servers.enter_context(systems.torchserve(tmp / f"ts-{len(rows)}-{engine}", mar, DEFAULTS, sampler))
+                server = servers.enter_context(systems.torchserve(
+                    tmp / f"ts-{len(rows)}-{engine}", mar, DEFAULTS, sampler, label=f"torchserve {name.split()[0]} {engine}"))
                 sends[engine] = predict_sender(server.inference_url, datas, False, auth=server.auth())
             c = max(args.concurrency)
             row = paired(f"{name}: eager", sends["eager"], f"{name}: onnx", sends["onnx"], c, args, ok_b=(200,))

@@ -99,7 +99,8 @@ def _run_facts(report: dict) -> list[str]:
           f"- Inputs of the further sections ({len(report.get('inputs', []))}): "
           + ", ".join(f"{i['name']} ({i['megapixels']} MP, {i['bytes'] // 1024} KB)" for i in report.get("inputs", [])),
           "- What shares the cores: the load client, the API (gunicorn), TorchServe, SeaweedFS and PostgreSQL all "
-          f"run on the same {m.get('logical_cores')} cores, with nothing else of this run beside them.",
+          f"run on the same {m.get('logical_cores')} cores; the sections run one after another, so no other part of "
+          "this run competes with a cell (other work on the machine shows in the load averages).",
           f"- TorchServe matrix (batch-delay-workers-threads): "
           + ", ".join(c["tag"] for c in st.get("torchserve_configs", []) + st.get("torchserve_variants", []))
           + f"; the clinic's TorchServe: {(st.get('api_torchserve_config') or {}).get('tag')}; "
@@ -163,7 +164,8 @@ def _engine(report: dict) -> list[str]:
 
 def _further(report: dict) -> list[str]:
     return ["# Further measurements", "",
-            "On the 13 mixed inputs (the sample photographs and 1/3/9 MP JPEG and PNG copies): what each step "
+            f"On the {len(report.get('inputs', []))} mixed inputs (sample photographs, resized JPEG and PNG copies): "
+            "what each step "
             "costs, TorchServe's batch settings, memory and the database. No target is judged on these.", ""]
 
 

@@ -65,7 +65,7 @@ def _throughput(report: dict, plt):
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("requests per second")
-    ax.set_title("TorchServe throughput vs concurrency (the 13 mixed inputs)")
+    ax.set_title("TorchServe throughput vs concurrency (the mixed inputs)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig, "throughput.png"
@@ -90,7 +90,7 @@ def _latency(report: dict, plt):
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("latency ms (log)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("TorchServe latency percentiles (the 13 mixed inputs)")
+    fig.suptitle("TorchServe latency percentiles (the mixed inputs)")
     return fig, "latency.png"
 
 

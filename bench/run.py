@@ -163,8 +163,9 @@ def versions() -> dict:
 
 
 class Bench:
-    def __init__(self, plan: Plan, cache: Path, only: tuple):
+    def __init__(self, plan: Plan, cache: Path, only: tuple, argv: list | None = None):
         self.plan, self.cache, self.only = plan, cache, only
+        self.argv = list(argv or [])  # the command line the report says generated it
         self.sampler = MemorySampler(interval=0.5)
         self.work = Path(tempfile.mkdtemp(prefix="run-", dir=cache))
         self.report: dict = {"cells": [], "optimisations": {}}
@@ -266,7 +267,7 @@ class Bench:
         self.sampler.start()
         report = self.report
         report["meta"] = {"started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                          "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+                          "command": " ".join(["python -m bench.run", *self.argv]),
                           "sections": list(self.only), "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
         report["machine"] = machine()
         report["versions"] = versions()
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_rows:
         plan.rows = tuple(r for r in plan.rows if r <= args.max_rows) or (args.max_rows,)
     args.cache.mkdir(parents=True, exist_ok=True)
-    report = Bench(plan, args.cache, only).run()
+    report = Bench(plan, args.cache, only, sys.argv[1:] if argv is None else argv).run()
     paths = bench_report.write(report, args.out)
     for path in paths:
         print(path)

@@ -59,9 +59,10 @@ def prediction_sender(url: str, inputs: list[BenchInput], *, fresh_connection: b
 
 
 @contextlib.contextmanager
-def torchserve(workdir: Path, mar: Path, cfg: ServeConfig, sampler: MemorySampler):
-    """A TorchServe serving `mar` as model `dr`, with a READY worker; yields the TorchServe."""
-    label = f"torchserve {cfg.tag}"
+def torchserve(workdir: Path, mar: Path, cfg: ServeConfig, sampler: MemorySampler, label: str | None = None):
+    """A TorchServe serving `mar` as model `dr`, with a READY worker; yields the TorchServe.
+    Two running at once need their own `label`s: the sampler knows a tree by its label."""
+    label = label or f"torchserve {cfg.tag}"
     server = TorchServe(workdir, mar.parent, models=f"dr={mar.name}")
     server.start(timeout=180)
     try:
