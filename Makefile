@@ -40,11 +40,9 @@ test-fast: setup
 
 bench: model
 	$(PY) -m bench.run
-	$(PY) -m bench.clinic
 
 bench-smoke: model
-	$(PY) -m bench.run --smoke
-	$(PY) -m bench.clinic --smoke --out var/bench/clinic-smoke
+	$(PY) -m bench.run --smoke --out var/bench/smoke
 
 clean:
 	rm -rf var build dist *.egg-info .pytest_cache

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "demo" / "checkpoint.pt"
 HELDOUT_SEED = 9001  # training used seed 0
 CALIBRATION = 64
+REAL_SIZE_NETWORK = "efficientnet_b0 (random weights)"  # the speed rows item 2's target is judged on
 
 
 def synthetic_tensors(seed: int, n: int, cfg, thresholds) -> list[torch.Tensor]:
@@ -113,6 +114,37 @@ def agreement(model, runs: dict, cfg, thresholds, heldout: list[torch.Tensor]) -
     return out
 
 
+def measure(checkpoint: Path = DEMO, rounds: int = 3, heldout: int = 400, sizes=(384, 512)) -> dict:
+    """Speed rows and the demo network's agreement, as engine.json holds them (bench/run.py's
+    engine section, or main() alone). `checkpoint` is the demo network with trained weights."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    demo, cfg, thresholds = load_model(checkpoint, threads=1)
+    load = [os.getloadavg()]
+    calibration_crops = synthetic_tensors(0, CALIBRATION, cfg, thresholds)
+    calibration = [torch.stack(calibration_crops[i:i + 8]) for i in range(0, len(calibration_crops), 8)]
+    result = {"conditions": {"cpus": os.cpu_count(), "threads_per_engine": 1, "rounds": rounds,
+                             "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rows = speed(f"demo {demo.arch}", demo, cfg.input_size, calibration, tmp, rounds)
+        load.append(os.getloadavg())
+        held = synthetic_tensors(HELDOUT_SEED, heldout, cfg, thresholds)
+        runs = engines_for(demo, cfg.input_size, tmp, calibration)
+        result["agreement_demo"] = agreement(demo, runs, cfg, thresholds, held)
+        print(json.dumps(result["agreement_demo"]), flush=True)
+        for size in sizes:
+            net = DRNet(arch="efficientnet_b0").eval()
+            # Calibration for a random-weight network: crops at its size (ranges only, speed row).
+            cal = [torch.nn.functional.interpolate(b, size=size, mode="bilinear") for b in calibration[:2]]
+            rows += speed(REAL_SIZE_NETWORK, net, size, cal, tmp, rounds)
+            load.append(os.getloadavg())
+    torch.set_num_threads(threads)
+    result["speed"] = rows
+    result["conditions"]["load_average_1_5_15"] = [[round(x, 2) for x in row] for row in load]
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("var/bench/engine.json"))
@@ -120,29 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", type=int, default=400)
     p.add_argument("--sizes", type=int, nargs="*", default=[384, 512])
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    demo, cfg, thresholds = load_model(DEMO, threads=1)
-    load = [os.getloadavg()]
-    calibration_crops = synthetic_tensors(0, CALIBRATION, cfg, thresholds)
-    calibration = [torch.stack(calibration_crops[i:i + 8]) for i in range(0, len(calibration_crops), 8)]
-    result = {"conditions": {"cpus": os.cpu_count(), "threads_per_engine": 1,
-                             "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        rows = speed(f"demo {demo.arch}", demo, cfg.input_size, calibration, tmp, args.rounds)
-        load.append(os.getloadavg())
-        heldout = synthetic_tensors(HELDOUT_SEED, args.heldout, cfg, thresholds)
-        runs = engines_for(demo, cfg.input_size, tmp, calibration)
-        result["agreement_demo"] = agreement(demo, runs, cfg, thresholds, heldout)
-        print(json.dumps(result["agreement_demo"]), flush=True)
-        for size in args.sizes:
-            net = DRNet(arch="efficientnet_b0").eval()
-            # Calibration for a random-weight network: crops at its size (ranges only, speed row).
-            cal = [torch.nn.functional.interpolate(b, size=size, mode="bilinear") for b in calibration[:2]]
-            rows += speed("efficientnet_b0 (random weights)", net, size, cal, tmp, args.rounds)
-            load.append(os.getloadavg())
-    result["speed"] = rows
-    result["conditions"]["load_average_1_5_15"] = [[round(x, 2) for x in row] for row in load]
+    result = measure(DEMO, args.rounds, args.heldout, args.sizes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(args.out)

@@ -1,7 +1,7 @@
 """In-process measurements: the limit every server is compared with, and the cost of each step.
 
-- the limit: fundus.prepare plus the eager forward pass, with no HTTP, no queue and no copy, at
-  batch 1 and 8; in one process, and in one process per core started together;
+- the limit: decode + fundus.prepare + the forward pass (eager and ONNX Runtime), with no HTTP and
+  no queue, at batch 1 and 8, one single-threaded process per core started together;
 - preprocessing split into its steps through fundus.py's public functions;
 - JPEG draft-mode decoding against a full decode (same pipeline, draft switched off);
 - forward pass alone: threads, and TorchScript (traced, frozen) against eager;
@@ -12,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import io
 import multiprocessing as mp
+import os
+import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +26,6 @@ from tqdm import tqdm
 
 from handlers import fundus, quality
 from handlers.network import DRNet
-from bench.driver import stats
 
 
 def load_model(ck_path: Path, threads: int | None = None):
@@ -131,69 +133,52 @@ def draft_agreement(inputs, model, cfg, thresholds) -> dict:
             "same_grade": same_grade, "max_abs_probability_difference": round(max(diffs, default=0.0), 5)}
 
 
-def _run_batches(datas: list[bytes], order: list[int], model, cfg, thresholds, batch: int):
-    """Preprocess and grade `order` (indices into datas) in batches; (seconds per batch, images)."""
-    spans = []
-    for start in range(0, len(order), batch):
-        t = time.perf_counter()
-        tensors = []
-        for i in order[start:start + batch]:
-            prepared = fundus.prepare(datas[i], cfg, thresholds)
-            if prepared.tensor is not None:
-                tensors.append(prepared.tensor)
-        if tensors:
-            with torch.inference_mode():
-                torch.softmax(model(torch.stack(tensors)), 1).tolist()
-        spans.append(time.perf_counter() - t)
-    return spans
+def _limit_child(ck_path, engine, batch, paths, seconds, barrier, queue):
+    from handlers import engine as engines
 
-
-def limit_in_process(inputs, model, cfg, thresholds, batch: int, n: int) -> dict:
-    """Throughput of prepare + forward in this process, round-robin over the inputs like the load cells."""
-    datas = [i.data() for i in inputs]
-    _run_batches(datas, list(range(min(len(datas), batch))), model, cfg, thresholds, batch)  # warm-up
-    order = [i % len(datas) for i in range(n)]
-    started = time.perf_counter()
-    spans = _run_batches(datas, order, model, cfg, thresholds, batch)
-    wall = time.perf_counter() - started
-    # Every image of a batch is answered when the batch is: its latency is the batch's time.
-    per_request = [s for s in spans for _ in range(batch)][:n]
-    return {"batch": batch, "processes": 1, "torch_threads": torch.get_num_threads(), "requests": n,
-            "wall_s": round(wall, 3), "throughput_rps": round(n / wall, 3), **stats(per_request)}
-
-
-def _child(ck_path, paths, batch, order, barrier, queue):
-    torch.set_num_threads(1)
-    model, cfg, thresholds = load_model(ck_path)
+    model, cfg, thresholds = load_model(ck_path, threads=1)
+    run, tmp = engines.Eager(model), Path(tempfile.mkdtemp(prefix="limit-"))
+    if engine == "onnx":
+        run = engines.OnnxRuntime(engines.export_onnx(model, cfg.input_size, tmp / "m.onnx"), 1)
     datas = [Path(p).read_bytes() for p in paths]
-    _run_batches(datas, order[:batch], model, cfg, thresholds, batch)
-    barrier.wait()
-    started = time.perf_counter()
-    spans = _run_batches(datas, order, model, cfg, thresholds, batch)
-    queue.put((started, time.perf_counter(), len(order), spans, time.time() - time.perf_counter()))
+
+    def one_batch(k):
+        tensors = [t for t in (fundus.prepare(datas[(k + j) % len(datas)], cfg, thresholds).tensor
+                               for j in range(batch)) if t is not None]
+        if tensors:
+            run(torch.stack(tensors))
+
+    one_batch(0)  # warm-up
+    barrier.wait()  # every process measures over the same span, so the sum is what the cores do
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        one_batch(done)
+        done += batch
+    queue.put((done, time.perf_counter() - start))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
-def limit_parallel(ck_path: Path, inputs, batch: int, n: int, processes: int) -> dict:
-    """One process per core, one torch thread each, started together on disjoint shares of the
-    same round-robin request sequence: the most this machine does without any server."""
+def limit(ck_path: Path, inputs, seconds: float, engines=("eager", "onnx"), batches=(1, 8)) -> list[dict]:
+    """The limit: decode + fundus.prepare + forward pass of `inputs` (round robin), no HTTP, no
+    queue, one single-threaded process per core started together, for each engine and batch size.
+    The best row is the most this machine does without any server."""
     ctx = mp.get_context("spawn")  # no fork after torch has started its thread pools
-    barrier, queue = ctx.Barrier(processes), ctx.Queue()
-    order = [i % len(inputs) for i in range(n)]
-    shares = [order[k::processes] for k in range(processes)]
-    procs = [ctx.Process(target=_child, args=(ck_path, [i.path for i in inputs], batch, share, barrier, queue))
-             for share in shares]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=600) for _ in procs]
-    for p in procs:
-        p.join(30)
-    # perf_counter is per process: put every span on the wall clock through each child's offset.
-    starts = [s + off for s, _, _, _, off in results]
-    ends = [e + off for _, e, _, _, off in results]
-    wall = max(ends) - min(starts)
-    per_request = [s for *_, spans, _ in results for s in spans for _ in range(batch)]
-    return {"batch": batch, "processes": processes, "torch_threads": 1, "requests": n,
-            "wall_s": round(wall, 3), "throughput_rps": round(n / wall, 3), **stats(per_request)}
+    procs, rows = os.cpu_count() or 1, []
+    for engine in engines:
+        for batch in batches:
+            barrier, queue = ctx.Barrier(procs), ctx.Queue()
+            children = [ctx.Process(target=_limit_child, args=(ck_path, engine, batch, [i.path for i in inputs],
+                                                                seconds, barrier, queue)) for _ in range(procs)]
+            for c in children:
+                c.start()
+            results = [queue.get(timeout=600) for _ in children]
+            for c in children:
+                c.join(30)
+            rows.append({"engine": engine, "batch": batch, "processes": procs, "threads_each": 1,
+                         "seconds": seconds, "images_per_s": round(sum(d / s for d, s in results), 2),
+                         "load_average_1m": round(os.getloadavg()[0], 2)})
+            tqdm.write(f"  limit {engine} batch {batch}, {procs} processes: {rows[-1]['images_per_s']} img/s")
+    return rows
 
 
 def forward_variants(model, cfg, repeats: int, thread_counts=(1, 2)) -> list[dict]:

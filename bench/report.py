@@ -1,4 +1,4 @@
-"""The benchmark report: adds ratios, targets and before/after pairs (bench/ratios.py) to a run's
+"""The benchmark report: adds targets, ratios and before/after pairs (bench/ratios.py) to a run's
 results and writes report.json, README.md (bench/report_markdown.py) and the PNG plots
 (bench/report_plots.py)."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from bench.inputs import write_json
-from bench.ratios import optimisations, ratios, targets
+from bench.ratios import limit_note, optimisations, ratios, targets, torchserve_over_limit
 from bench.report_markdown import markdown
 from bench.report_plots import plots
 
@@ -19,14 +19,14 @@ GPU_NOTE = ("Not run: no GPU machine was lent to this task, so every number here
 
 
 def write(report: dict, out: Path) -> list[Path]:
-    """Add ratios, targets and plots to `report` and write report.json, README.md and the PNGs to `out`."""
+    """Add targets, ratios and plots to `report` and write report.json, README.md and the PNGs to `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in PLOTS:  # plots of sections not run this time would be stale
         (out / name).unlink(missing_ok=True)
-    r = ratios(report)
-    report["ratios"] = r
-    report["targets"] = targets(r)
+    report["targets"] = targets(report)
+    report["limit_note"] = limit_note(torchserve_over_limit(report))
+    report["ratios"] = ratios(report)
     report["optimisation_rows"] = optimisations(report)
     report.setdefault("gpu", {"run": report.get("machine", {}).get("gpu") is not None, "note": GPU_NOTE})
     report["findings"] = "findings.md" if (out / "findings.md").exists() else None

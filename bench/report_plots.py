@@ -41,14 +41,11 @@ def plots(report: dict, out: Path) -> list[str]:
 
 
 def _series(report: dict) -> dict[str, list]:
+    """The TorchServe batch matrix's cells by configuration (the clinic's paired cells are tables)."""
     series = {}
     for c in report.get("cells", []):
         if c["section"] == "torchserve":
             series.setdefault(f"TorchServe {c['config']}", []).append(c)
-        elif c["section"] == "api":
-            series.setdefault(f"API {c['backend']}", []).append(c)
-        elif c["section"] == "naive":
-            series.setdefault(c["system"], []).append(c)
     return series
 
 
@@ -62,19 +59,13 @@ def _throughput(report: dict, plt):
     for name, found in series.items():
         found = sorted(found, key=lambda c: c["concurrency"])
         ax.plot([c["concurrency"] for c in found], [c["throughput_rps"] for c in found], marker="o",
-                linestyle="--" if name.startswith("naive") else "-", label=name)
-    right = max(st.get("concurrency") or [1])
-    for run in (report.get("limit") or {}).get("runs", []):
-        if run["batch"] == 8:
-            ax.axhline(run["throughput_rps"], color="grey", linestyle=":", linewidth=1)
-            ax.annotate(f"limit b8, {run['processes']} proc × {run['torch_threads']} thr",
-                        (right, run["throughput_rps"]), fontsize=7, color="grey", va="bottom", ha="right")
+                label=name)
     ax.set_xscale("log", base=2)
     ax.set_xticks(st.get("concurrency") or [1])
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("requests per second")
-    ax.set_title("Throughput vs concurrency (same inputs)")
+    ax.set_title("TorchServe throughput vs concurrency (the mixed inputs)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig, "throughput.png"
@@ -84,9 +75,7 @@ def _latency(report: dict, plt):
     series, st = _series(report), report.get("settings", {})
     if not series:
         return None, None
-    api_tag = (st.get("api_torchserve_config") or {}).get("tag")
-    main = {k: v for k, v in series.items()
-            if k in (f"TorchServe {api_tag}", "API embedded", "API postgres-s3") or k.startswith("naive")}
+    main = series
     conc = st.get("concurrency") or []
     fig, axes = plt.subplots(1, max(1, len(conc)), figsize=(3.2 * max(1, len(conc)), 4.2), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], conc):
@@ -101,7 +90,7 @@ def _latency(report: dict, plt):
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("latency ms (log)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Latency percentiles")
+    fig.suptitle("TorchServe latency percentiles (the mixed inputs)")
     return fig, "latency.png"
 
 
@@ -118,7 +107,7 @@ def _memory(report: dict, plt):
 
 
 def _preprocess(report: dict, plt):
-    pre = (report.get("limit") or {}).get("preprocess", [])
+    pre = (report.get("in_process") or {}).get("preprocess", [])
     if not pre:
         return None, None
     steps = ("decode", "disc", "crop", "quality", "normalise")

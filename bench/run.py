@@ -1,22 +1,25 @@
-"""Benchmarks: the cost of every hop from an upload to a grade, measured side by side in one run.
+"""Benchmarks: every figure of issue 14 and the cost of every hop, measured in one run.
 
-    python -m bench.run [--smoke] [--out DIR] [--only limit,torchserve,api,naive,scaling]
-                            [--requests N] [--soak-requests N] [--max-rows N]
+    python -m bench.run [--smoke] [--out DIR] [--only preprocess,torchserve,clinic,engine,scaling]
+                            [--requests N] [--rounds N] [--soak-requests N] [--max-rows N]
 
-On the same inputs (the photographs in samples/ and resized 1/3/9 MP JPEG and PNG copies,
-cached under var/bench/) it measures:
-- limit:      preprocessing + forward pass in-process, batch 1 and 8, one process and one per core;
-              preprocessing split into its steps; draft-mode vs full JPEG decode; TorchScript vs eager;
-- torchserve: POST /predictions at each concurrency, for batch sizes 1, 4 and 8 on the archive's
-              defaults (5 ms batch delay, one single-threaded worker per core), and the settings
-              those defaults replaced, as before/after pairs (a 50 ms delay; one worker with two
-              torch threads; both at once); connection reuse;
-- api:        the control API end to end (upload -> storage -> TorchServe -> database -> answer), on
-              SQLite + local storage and on PostgreSQL + SeaweedFS S3;
-- naive:      bench/naive_server.py, one synchronous gunicorn worker with the model in-process;
+Sections, in this order, in one process:
+- preprocess: in-process, on the photographs in samples/ and resized 1/3/9 MP JPEG and PNG copies
+              (cached under var/bench/): preprocessing split into its steps, draft-mode vs full JPEG
+              decode, the forward pass alone (threads, TorchScript vs eager), the API's own work per
+              upload;
+- torchserve: POST /predictions at each concurrency on those 13 inputs, for batch sizes 1, 4 and 8
+              on the archive's defaults and the settings those defaults replaced (before/after
+              pairs); connection reuse;
+- clinic:     the clinic's case (bench/clinic.py): 9-12 MP JPEGs, the API against TorchServe direct
+              per backend x connection x concurrency, before/after the upload changes, the result
+              cache's re-send, the naive baseline against TorchServe direct, eager vs ONNX archives
+              in TorchServe, and the limit (the best in-process configuration on the same photographs);
+- engine:     eager vs ONNX Runtime fp32 and int8 in-process (bench/engine.py), with agreement;
 - scaling:    listing and summary latency at 1k..1M screenings in PostgreSQL with EXPLAIN plans,
               and process memory over a long run of uploads (the soak).
-It writes report.json, README.md and PNG plots to --out (docs/benchmarks by default).
+It writes report.json, README.md (targets computed from this run's cells) and PNG plots to --out
+(docs/benchmarks by default).
 """
 from __future__ import annotations
 
@@ -37,32 +40,37 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from bench import inputs as bench_inputs, limit as bench_limit, report as bench_report, systems as bench_systems
+from bench import clinic as bench_clinic, inputs as bench_inputs, limit as bench_limit, report as bench_report, \
+    systems as bench_systems
 from bench.inputs import ServeConfig
 from bench.driver import MemorySampler, run_load, scrape, server_side
 from scripts.serving.processes import REPO
 
-SECTIONS = ("limit", "torchserve", "api", "naive", "scaling")
+SECTIONS = ("preprocess", "torchserve", "clinic", "engine", "scaling")
 OUT = REPO / "docs" / "benchmarks"
 
 
 @dataclass
 class Plan:
-    concurrency: tuple
+    concurrency: tuple             # the TorchServe batch matrix's
     requests: int
     serve_configs: list            # the batch-size matrix
     variants: dict                 # settings the archive's defaults replaced -> what changed
     api_config: ServeConfig        # the TorchServe behind the API cells
     api_backends: tuple
-    naive_concurrency: tuple
     repeats: int                   # per preprocessing step and input
-    limit_requests: int
     rows: tuple                    # scaling: screenings in PostgreSQL
     soak_requests: int
     soak_every: int
     scaling_calls: int             # timed API calls per endpoint and size
-    thread_counts: tuple = (1, os.cpu_count() or 1)   # torch threads for the in-process runs
-    parallel_batches: tuple = (1, 8)                   # batch sizes of the one-process-per-core limit
+    clinic_requests: int           # per clinic cell
+    clinic_rounds: int             # interleaved rounds per clinic comparison
+    limit_seconds: float           # per limit row (engine x batch)
+    engine_rounds: int
+    engine_heldout: int            # synthetic images for the ONNX agreement
+    engine_sizes: tuple            # EfficientNet-B0 input sizes
+    clinic_concurrency: tuple = (1, 8)
+    thread_counts: tuple = (1, os.cpu_count() or 1)   # torch threads for the forward-pass rows
     smoke: bool = False
     notes: list = field(default_factory=list)
 
@@ -72,16 +80,16 @@ class Plan:
                 "torchserve_variants": [{**c.to_dict(), "replaced_by_defaults": what}
                                         for c, what in self.variants.items()],
                 "api_torchserve_config": self.api_config.to_dict(), "api_backends": list(self.api_backends),
-                "naive_concurrency": list(self.naive_concurrency), "preprocess_repeats": self.repeats,
-                "limit_requests": self.limit_requests, "scaling_rows": list(self.rows),
+                "preprocess_repeats": self.repeats, "scaling_rows": list(self.rows),
                 "soak_requests": self.soak_requests, "soak_sample_every": self.soak_every,
-                "scaling_calls": self.scaling_calls, "limit_torch_threads": list(self.thread_counts),
-                "smoke": self.smoke}
+                "scaling_calls": self.scaling_calls, "forward_torch_threads": list(self.thread_counts),
+                "clinic_requests_per_cell": self.clinic_requests, "clinic_rounds": self.clinic_rounds,
+                "clinic_concurrency": list(self.clinic_concurrency), "limit_seconds": self.limit_seconds,
+                "engine_rounds": self.engine_rounds, "engine_heldout": self.engine_heldout,
+                "engine_sizes": list(self.engine_sizes), "smoke": self.smoke}
 
 
-# What scripts/ml/archive.py builds by default: batch 8, 5 ms delay, workers not pinned (TorchServe
-# starts one per CPU core) and one torch thread each. The API cells run on it.
-DEFAULTS = ServeConfig(batch_size=8, max_batch_delay_ms=5, workers=None, torch_threads=1)
+DEFAULTS = bench_clinic.DEFAULTS  # the archive's defaults: the clinic's cells run on them
 # The archive defaults these replaced (commit 4395ee9), one setting at a time and all together:
 # the before halves of the before/after pairs. Torch's default thread count is one per core.
 CORES = os.cpu_count() or 1
@@ -98,18 +106,19 @@ def full_plan() -> Plan:
                   BEFORE_THREADS: f"1 worker × {CORES} torch threads → 1 worker per core × 1 thread",
                   BEFORE_ALL: "all of the old archive defaults → the new ones"},
         api_config=DEFAULTS, api_backends=("embedded", "postgres-s3"),
-        naive_concurrency=(1, 4, 8, 16),
-        repeats=5, limit_requests=104, rows=(1_000, 10_000, 100_000, 1_000_000),
-        soak_requests=10_000, soak_every=500, scaling_calls=40)
+        repeats=5, rows=(1_000, 10_000, 100_000, 1_000_000),
+        soak_requests=10_000, soak_every=500, scaling_calls=40,
+        clinic_requests=40, clinic_rounds=2, limit_seconds=15,
+        engine_rounds=3, engine_heldout=400, engine_sizes=(384, 512))
 
 
 def smoke_plan() -> Plan:
     return Plan(
         concurrency=(1, 4), requests=8, serve_configs=[DEFAULTS], variants={}, api_config=DEFAULTS,
-        api_backends=("embedded", "postgres-s3"), naive_concurrency=(1, 4), repeats=1,
-        limit_requests=8,
+        api_backends=("embedded", "postgres-s3"), repeats=1,
         rows=(1_000,), soak_requests=40, soak_every=10, scaling_calls=5, thread_counts=(1,),
-        parallel_batches=(8,), smoke=True)
+        clinic_requests=8, clinic_rounds=1, limit_seconds=3,
+        engine_rounds=1, engine_heldout=16, engine_sizes=(384,), smoke=True)
 
 
 def machine() -> dict:
@@ -148,14 +157,15 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": _version("torch"), "torchvision": _version("torchvision"),
             "torchserve": _version("torchserve"), "torch-model-archiver": _version("torch-model-archiver"),
             "pillow": _version("pillow"), "numpy": _version("numpy"), "gunicorn": _version("gunicorn"),
-            "flask": _version("flask"), "peewee": _version("peewee"),
+            "flask": _version("flask"), "peewee": _version("peewee"), "onnxruntime": _version("onnxruntime"),
             "java": (java.stderr.splitlines() or ["unknown"])[0], "git_sha": _git("rev-parse", "HEAD"),
             "git_uncommitted_code": dirty}
 
 
 class Bench:
-    def __init__(self, plan: Plan, cache: Path, only: tuple):
+    def __init__(self, plan: Plan, cache: Path, only: tuple, argv: list | None = None):
         self.plan, self.cache, self.only = plan, cache, only
+        self.argv = list(argv or [])  # the command line the report says generated it
         self.sampler = MemorySampler(interval=0.5)
         self.work = Path(tempfile.mkdtemp(prefix="run-", dir=cache))
         self.report: dict = {"cells": [], "optimisations": {}}
@@ -185,37 +195,20 @@ class Bench:
 
     # ------------------------------------------------------------------ sections
 
-    def limit(self, inputs, ck_path) -> None:
+    def preprocess(self, inputs, ck_path) -> None:
         plan = self.plan
-        tqdm.write("limit: in-process preprocessing + forward pass")
+        tqdm.write("preprocess: in-process steps and forward pass")
         model, cfg, thresholds = bench_limit.load_model(ck_path, threads=1)
         out = {"preprocess": bench_limit.preprocess_split(inputs, cfg, thresholds, plan.repeats),
                "draft_agreement": bench_limit.draft_agreement(inputs, model, cfg, thresholds)}
-        runs = []
-        for threads in plan.thread_counts:
-            bench_limit.torch.set_num_threads(threads)
-            for batch in (1, 8):
-                runs.append(bench_limit.limit_in_process(inputs, model, cfg, thresholds, batch, plan.limit_requests))
-                tqdm.write(f"  in-process batch {batch} threads {threads}: {runs[-1]['throughput_rps']:.2f} img/s")
-        bench_limit.torch.set_num_threads(1)
-        procs = os.cpu_count() or 1
-        for batch in plan.parallel_batches:
-            runs.append(bench_limit.limit_parallel(ck_path, inputs, batch, plan.limit_requests, procs))
-            tqdm.write(f"  {procs} processes batch {batch}: {runs[-1]['throughput_rps']:.2f} img/s")
-        out["runs"] = runs
         out["forward"] = bench_limit.forward_variants(model, cfg, max(3, plan.repeats * 4), plan.thread_counts)
+        bench_limit.torch.set_num_threads(1)
         out["api_hops"] = bench_limit.api_hops(inputs, self.work / "hops", plan.repeats)
-        import resource
-
-        out["peak_rss_mb_in_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        self.report["limit"] = out
+        self.report["in_process"] = out
 
     def torchserve_section(self, inputs, ck_path, ck_sha) -> None:
         plan = self.plan
-        configs = list(plan.serve_configs) + list(plan.variants)
-        if "torchserve" not in self.only:  # the API cells still need their TorchServe, measured alone too
-            configs = [plan.api_config]
-        for cfg in configs:
+        for cfg in list(plan.serve_configs) + list(plan.variants):
             tqdm.write(f"torchserve {cfg.tag}")
             mar = bench_inputs.archive_for(ck_path, ck_sha, cfg, self.cache)
             with bench_systems.torchserve(self.work / f"ts-{cfg.tag}", mar, cfg, self.sampler) as server:
@@ -226,8 +219,6 @@ class Bench:
                               batch_size=cfg.batch_size, torchserve_workers=handle.info["workers"])
                 if cfg == plan.api_config:
                     self._connection_reuse(server, cfg, inputs)
-                    if "api" in self.only:
-                        self.api_section(server, inputs)
 
     def _connection_reuse(self, server, cfg, inputs) -> None:
         """One small image at concurrency 1: keep-alive session vs a new connection per request."""
@@ -240,28 +231,21 @@ class Bench:
                 handle, "connection", 1, self.plan.requests, small, config=cfg.tag)
         self.report["optimisations"]["connection_reuse"] = {"input": small[0].name, **rows}
 
-    def api_section(self, ts, inputs) -> None:
+    def clinic_section(self) -> None:
+        """bench/clinic.py's cells, the issue's like-with-like figures, into this run's report."""
         plan = self.plan
-        runs = [(backend, backend, "control_api.wsgi:app", plan.concurrency) for backend in plan.api_backends]
-        for label, backend, app, levels in runs:
-            tqdm.write(f"api {label} (TorchServe {plan.api_config.tag})")
-            workdir = self.work / f"api-{label.split(' ')[0]}"
-            with bench_systems.api(workdir, ts, backend, inputs, self.sampler, app=app,
-                                   label=f"api {label}") as handle:
-                for c in levels:
-                    self.cell(handle, "api", c, plan.requests, inputs, backend=label, config=plan.api_config.tag,
-                              gunicorn_workers=handle.info["gunicorn_workers"],
-                              gunicorn_threads=handle.info["gunicorn_threads"], app=app)
+        tqdm.write("clinic: 9-12 MP JPEGs, paired cells")
+        self.report["clinic"] = bench_clinic.measure(bench_clinic.options(
+            plan.clinic_requests, plan.clinic_rounds, plan.clinic_concurrency, plan.api_backends,
+            plan.limit_seconds, sampler=self.sampler, cache=self.cache))
 
-    def naive_section(self, inputs, ck_path) -> None:
-        # As a naive container runs it (torch's default threads), and with one torch thread, the
-        # setting our TorchServe workers use: the comparison is then with the better of the two.
-        for threads in (None, 1):
-            tqdm.write(f"naive: one Flask process, model in-process, torch threads {threads or 'default'}")
-            with bench_systems.naive(self.work / f"naive-{threads}", ck_path, inputs, self.sampler,
-                                     torch_threads=threads) as handle:
-                for c in self.plan.naive_concurrency:
-                    self.cell(handle, "naive", c, self.plan.requests, inputs, torch_threads=threads or "default")
+    def engine_section(self, ck_path) -> None:
+        from bench import engine as bench_engine  # imports onnxruntime and the training code
+
+        plan = self.plan
+        tqdm.write("engine: eager vs ONNX Runtime in-process")
+        self.report["engine"] = bench_engine.measure(ck_path, plan.engine_rounds, plan.engine_heldout,
+                                                     plan.engine_sizes)
 
     def scaling_section(self, inputs, ck_path, ck_sha) -> None:
         from bench import scaling as bench_scaling
@@ -283,7 +267,7 @@ class Bench:
         self.sampler.start()
         report = self.report
         report["meta"] = {"started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                          "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+                          "command": " ".join(["python -m bench.run", *self.argv]),
                           "sections": list(self.only), "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
         report["machine"] = machine()
         report["versions"] = versions()
@@ -293,14 +277,15 @@ class Bench:
         report["inputs"] = [i.to_dict() for i in inputs]
         ck_path, ck_info = bench_inputs.checkpoint(self.cache)
         report["model"] = ck_info
-        steps = [("limit", lambda: self.limit(inputs, ck_path)),
-                 ("torchserve+api", lambda: self.torchserve_section(inputs, ck_path, ck_info["sha256"])),
-                 ("naive", lambda: self.naive_section(inputs, ck_path)),
+        steps = [("preprocess", lambda: self.preprocess(inputs, ck_path)),
+                 ("torchserve", lambda: self.torchserve_section(inputs, ck_path, ck_info["sha256"])),
+                 ("clinic", self.clinic_section),
+                 ("engine", lambda: self.engine_section(ck_path)),
                  ("scaling", lambda: self.scaling_section(inputs, ck_path, ck_info["sha256"]))]
         report["meta"]["section_s"] = {}
         try:
             for name, step in steps:
-                if any(part in self.only for part in name.split("+")):
+                if name in self.only:
                     t = time.time()
                     step()
                     report["meta"]["section_s"][name] = round(time.time() - t, 1)
@@ -320,10 +305,11 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="a few requests per cell, small matrix (1-2 minutes)")
+    p.add_argument("--smoke", action="store_true", help="a few requests per cell, small matrix (a few minutes)")
     p.add_argument("--out", type=Path, default=OUT, help="where report.json, README.md and the plots go")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--requests", type=int, help="measured requests per load cell")
+    p.add_argument("--requests", type=int, help="measured requests per load cell (TorchServe matrix and clinic)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per clinic comparison and engine row")
     p.add_argument("--soak-requests", type=int, help="uploads in the memory soak (default 10000)")
     p.add_argument("--max-rows", type=int, help="largest screening count in the scaling test (default 1000000)")
     p.add_argument("--cache", type=Path, default=bench_inputs.CACHE, help="inputs, archives and scratch files")
@@ -334,14 +320,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     plan = smoke_plan() if args.smoke else full_plan()
     if args.requests:
-        plan.requests = plan.limit_requests = args.requests
+        plan.requests = plan.clinic_requests = args.requests
+    if args.rounds:
+        plan.clinic_rounds = plan.engine_rounds = args.rounds
     if args.soak_requests:
         plan.soak_requests = args.soak_requests
         plan.soak_every = max(1, min(plan.soak_every, args.soak_requests // 10))
     if args.max_rows:
         plan.rows = tuple(r for r in plan.rows if r <= args.max_rows) or (args.max_rows,)
     args.cache.mkdir(parents=True, exist_ok=True)
-    report = Bench(plan, args.cache, only).run()
+    report = Bench(plan, args.cache, only, sys.argv[1:] if argv is None else argv).run()
     paths = bench_report.write(report, args.out)
     for path in paths:
         print(path)

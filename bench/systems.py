@@ -1,5 +1,5 @@
 """The systems under load, started as real processes: TorchServe, the API (gunicorn) on SQLite +
-local storage or on PostgreSQL + SeaweedFS S3, and the naive single-process server.
+local storage or on PostgreSQL + SeaweedFS S3, and the naive server.
 
 Each is a context manager that starts the processes through scripts/serving/processes/, registers their
 process trees with the memory sampler, yields a handle with a `send(session, i)` for the load
@@ -59,9 +59,10 @@ def prediction_sender(url: str, inputs: list[BenchInput], *, fresh_connection: b
 
 
 @contextlib.contextmanager
-def torchserve(workdir: Path, mar: Path, cfg: ServeConfig, sampler: MemorySampler):
-    """A TorchServe serving `mar` as model `dr`, with a READY worker; yields the TorchServe."""
-    label = f"torchserve {cfg.tag}"
+def torchserve(workdir: Path, mar: Path, cfg: ServeConfig, sampler: MemorySampler, label: str | None = None):
+    """A TorchServe serving `mar` as model `dr`, with a READY worker; yields the TorchServe.
+    Two running at once need their own `label`s: the sampler knows a tree by its label."""
+    label = label or f"torchserve {cfg.tag}"
     server = TorchServe(workdir, mar.parent, models=f"dr={mar.name}")
     server.start(timeout=180)
     try:
@@ -193,7 +194,8 @@ def api(workdir: Path, ts: TorchServe | None, backend: str, inputs: list[BenchIn
 
 
 class NaiveServer(Process):
-    """bench/naive_server.py under gunicorn with one synchronous worker: one request at a time."""
+    """bench/naive_server.py under gunicorn with `workers` synchronous workers: each handles one
+    request at a time (bench/clinic.py starts one per core)."""
 
     name = "naive"
 
@@ -213,20 +215,3 @@ class NaiveServer(Process):
     def command(self) -> list[str]:
         return [str(VENV_BIN / "gunicorn"), "-w", str(self.workers), "-k", "sync", "-b", f"127.0.0.1:{self.port}",
                 "--timeout", "120", "--chdir", str(REPO), "bench.naive_server:app"]
-
-
-@contextlib.contextmanager
-def naive(workdir: Path, checkpoint: Path, inputs: list[BenchInput], sampler: MemorySampler,
-          torch_threads: int | None = None):
-    label = f"naive t{torch_threads}" if torch_threads else "naive"
-    server = NaiveServer(workdir, checkpoint, torch_threads)
-    server.start(timeout=120)
-    try:
-        sampler.track(label, server.proc.pid)
-        yield Handle(label, server.url, prediction_sender(server.url, inputs), check=_graded,
-                     info={"server": "gunicorn -w 1 -k sync (one request at a time)",
-                           "torch_threads": torch_threads or "torch default (one per core)"},
-                     pids={label: server.proc.pid})
-    finally:
-        sampler.untrack(label)
-        server.stop()
