@@ -20,6 +20,8 @@ report.json; alone it writes clinic.md and clinic.json to --out.
   batch 1 and 8, no HTTP.
 - engines: TorchServe direct with the eager archive against the ONNX archive of the same
   weights, on the demo network and on EfficientNet-B0 at 384 px (random weights).
+- real network: api vs torchserve again with that EfficientNet-B0 ONNX archive behind both
+  (bench/real_network.py), keep-alive, every backend and concurrency.
 The demo model is trained on synthetic images: these runs measure the machinery, not accuracy.
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 import requests
 
 from bench import inputs as bench_inputs
-from bench import systems
+from bench import real_network, systems
 from bench.driver import MemorySampler, cpu_delta, multipart, run_load
 from bench.inputs import ServeConfig
 from scripts.serving.processes import REPO
@@ -187,7 +189,10 @@ def measure(args) -> dict:
                                  predict_sender(naive.url, datas, False), c, args, ok_b=(200,))
                     report["naive"].append(row)
                     print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
-        report["engines"] = engines(tmp, ck_path, ck_sha, datas, args, sampler)
+        archives = {}
+        report["engines"] = engines(tmp, ck_path, ck_sha, datas, args, sampler, archives)
+        report["api_vs_torchserve_real_network"] = real_network.measure(
+            tmp, archives["efficientnet_b0 onnx"], photos, datas, args, sampler)
     report["limit"] = limit(ck_path, photos, args.limit_seconds)
     report["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -222,8 +227,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def engines(tmp: Path, ck_path: Path, ck_sha: str, datas, args, sampler) -> list[dict]:
-    """TorchServe direct, eager archive against the ONNX archive, demo network and EfficientNet-B0."""
+def engines(tmp: Path, ck_path: Path, ck_sha: str, datas, args, sampler, archives: dict | None = None) -> list[dict]:
+    """TorchServe direct, eager archive against the ONNX archive, demo network and EfficientNet-B0;
+    `archives` gets each archive built, by "<network> <engine>" (bench/real_network.py reuses one)."""
     from scripts.ml import archive
     from scripts.ml.tiny_model import make_checkpoint
 
@@ -237,6 +243,8 @@ def engines(tmp: Path, ck_path: Path, ck_sha: str, datas, args, sampler) -> list
             for engine in ("eager", "onnx"):
                 mar = archive.archive(ck, engine, model_store=store / engine, engine=engine, batch_size=8,
                                       max_batch_delay=5, torch_threads=1)
+                if archives is not None:
+                    archives[f"{name.split()[0]} {engine}"] = mar
                 server = servers.enter_context(systems.torchserve(
                     tmp / f"ts-{len(rows)}-{engine}", mar, DEFAULTS, sampler, label=f"torchserve {name.split()[0]} {engine}"))
                 sends[engine] = predict_sender(server.inference_url, datas, False, auth=server.auth())
@@ -266,9 +274,9 @@ def cpu_columns(row: dict, idx: int) -> list:
     return [round(statistics.median(col), 1) for col in zip(*per_round)]
 
 
-def cpu_table(rows: list) -> list[str]:
+def cpu_table(rows: list, title: str = "CPU per request, by process group") -> list[str]:
     head = " | ".join(name for name, _ in CPU_GROUPS)
-    lines = ["## CPU per request, by process group (ms, median over rounds)", "",
+    lines = [f"## {title} (ms, median over rounds)", "",
              "From the end of each cell's warm-up to its last answer, CPU (user + system) over answered",
              "requests. `other` is the rest of the machine: the kernel and whatever else ran (other work",
              "shares this machine). Each core gives 1000 ms of CPU per second.", "",
@@ -359,6 +367,8 @@ def sections(r: dict) -> list[str]:
     for row in r["engines"]:
         lines.append(f"| {row['network']} | {row['concurrency']} | {side_median(row, 'a')} | {side_median(row, 'b')} | "
                      f"{_range(row)} |")
+    if r.get("api_vs_torchserve_real_network"):
+        lines += [""] + real_network.section(r["api_vs_torchserve_real_network"])
     lines += ["", "## The limit: in-process, one single-threaded process per core, no HTTP", "",
               f"Decode, `fundus.prepare` and the forward pass of the same photographs, {r['plan'].get('limit_seconds')} s "
               "per row, every process started together; the best row is the limit.", "",

@@ -85,3 +85,18 @@ def test_the_readme_shows_targets_from_the_cells():
     text = markdown(report)
     assert "## Targets" in text and "**not met**" in text and "| postgres-s3 | fresh connection | 8 |" in text
     assert "api_over_torchserve " not in text  # the best-vs-best ratio is gone
+
+
+def test_the_real_size_network_cells_are_judged_on_their_own_worst_cell():
+    """bench/real_network.py's cells get rows of their own, beside (never instead of) the demo
+    network's; absent from a run, they are not claimed."""
+    report = _report()
+    demo = [t for t in ratios.targets(report) if t["item"] == "1"]
+    assert not any(t["item"] == "1, real-size network" for t in ratios.targets(report))
+    real = [_row(b, "keep-alive", c, 0.97, 4.0) for b in ("embedded", "postgres-s3") for c in (1, 8)]
+    real[1] = _row("embedded", "keep-alive", 8, 0.83, 9.0)
+    report["clinic"]["api_vs_torchserve_real_network"] = real
+    ratio, added = [t for t in ratios.targets(report) if t["item"] == "1, real-size network"]
+    assert ratio["value"] == 0.83 and ratio["met"] is False and "embedded, keep-alive, c=8" in ratio["where"]
+    assert added["value"] == 9.0 and added["met"] is True
+    assert [t for t in ratios.targets(report) if t["item"] == "1"] == demo  # the demo network's, unchanged
