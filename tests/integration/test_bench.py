@@ -70,7 +70,8 @@ def test_engine_section(smoke_report):
 
 def test_every_target_and_ratio_is_reported(smoke_report):
     _, report = smoke_report
-    assert [t["item"] for t in report["targets"]] == ["1", "1", "2", "2", "2", "limit", "earlier"]
+    assert [t["item"] for t in report["targets"]] == ["1", "1", "1, real-size network", "1, real-size network",
+                                                      "2", "2", "2", "limit", "earlier"]
     for t in report["targets"]:  # judged from this run's cells, whichever way
         assert t["met"] in (True, False) and t["value"] is not None, t
     values = report["ratios"]["values"]
