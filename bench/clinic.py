@@ -326,20 +326,26 @@ def conditions(r: dict) -> list[str]:
             ""]
 
 
-def sections(r: dict) -> list[str]:
-    """The clinic's tables, each under a ## heading (clinic.md and bench/run.py's README.md)."""
+def api_table(rows: list[dict]) -> list[str]:
+    """API against TorchServe direct, one line per cell, each judged against item 1's targets."""
     verdict = {True: "yes", False: "**no**", None: "–"}
-    lines = ["## API end to end against TorchServe direct (issue 14 item 1)", "",
-             f"Targets in every cell: API / TorchServe >= {TARGET_RATIO} and added p50 <= {TARGET_ADDED_P50_MS:g} ms. "
-             "A cell's errors (e.g. 202 pending answers, not counted as throughput) are in the JSON.", "",
-             "| backend | connection | concurrency | TorchServe req/s | API req/s | API / TorchServe (range) | "
+    lines = ["| backend | connection | concurrency | TorchServe req/s | API req/s | API / TorchServe (range) | "
              "TorchServe p50 ms | API p50 ms | added p50 ms | targets met |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in r["api_vs_torchserve"]:
+    for row in rows:
         lines.append(f"| {row['backend']} | {row['connection']} | {row['concurrency']} | {side_median(row, 'a')} | "
                      f"{side_median(row, 'b')} | {_range(row)} | {side_median(row, 'a', 'p50_ms')} | "
                      f"{side_median(row, 'b', 'p50_ms')} | {row['added_p50_ms']} | {verdict[meets(row)]} |")
-    lines += [""] + cpu_table(r["api_vs_torchserve"])
+    return lines
+
+
+def sections(r: dict) -> list[str]:
+    """The clinic's tables, each under a ## heading (clinic.md and bench/run.py's README.md)."""
+    lines = ["## API end to end against TorchServe direct (issue 14 item 1)", "",
+             f"Targets in every cell: API / TorchServe >= {TARGET_RATIO} and added p50 <= {TARGET_ADDED_P50_MS:g} ms. "
+             "A cell's errors (e.g. 202 pending answers, not counted as throughput) are in the JSON.", "",
+             *api_table(r["api_vs_torchserve"]), ""]
+    lines += cpu_table(r["api_vs_torchserve"])
     lines += ["## Before/after the upload changes (keep-alive)", "",
               "The API as it is against bench/sequential_app.py (the upload path before issue 14), same backend.", "",
               "| backend | concurrency | before req/s | after req/s | after / before (range) | before p50 ms | after p50 ms |",

@@ -40,19 +40,10 @@ def measure(tmp: Path, mar: Path, photos, datas, args, sampler) -> list[dict]:
 
 
 def section(rows: list[dict]) -> list[str]:
-    from bench.clinic import TARGET_ADDED_P50_MS, TARGET_RATIO, _range, cpu_table, meets, side_median
+    from bench.clinic import TARGET_ADDED_P50_MS, TARGET_RATIO, api_table, cpu_table
 
-    verdict = {True: "yes", False: "**no**", None: "–"}
-    lines = [f"## API end to end against TorchServe direct on a real-size network ({NETWORK})", "",
-             "Item 1's comparison again with the model a real DR network costs on these CPUs (the table above "
-             "is the demo network, where the model is a small part of the cost). Random weights: the grades "
-             f"mean nothing. Same rule: API / TorchServe >= {TARGET_RATIO} and added p50 <= "
-             f"{TARGET_ADDED_P50_MS:g} ms.", "",
-             "| backend | connection | concurrency | TorchServe req/s | API req/s | API / TorchServe (range) | "
-             "TorchServe p50 ms | API p50 ms | added p50 ms | targets met |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['backend']} | {row['connection']} | {row['concurrency']} | {side_median(row, 'a')} | "
-                     f"{side_median(row, 'b')} | {_range(row)} | {side_median(row, 'a', 'p50_ms')} | "
-                     f"{side_median(row, 'b', 'p50_ms')} | {row['added_p50_ms']} | {verdict[meets(row)]} |")
-    return lines + [""] + cpu_table(rows, f"CPU per request on {NETWORK}")
+    return [f"## API end to end against TorchServe direct on a real-size network ({NETWORK})", "",
+            "Item 1's comparison again with the model a real DR network costs on these CPUs (the table above "
+            "is the demo network, where the model is a small part of the cost). Random weights: the grades "
+            f"mean nothing. Same rule: API / TorchServe >= {TARGET_RATIO} and added p50 <= "
+            f"{TARGET_ADDED_P50_MS:g} ms.", "", *api_table(rows), "", *cpu_table(rows, f"CPU per request on {NETWORK}")]
