@@ -29,6 +29,7 @@ PAGE = 20
 BIG_TABLES = ("screening", "grading", "patient", "audit_event")
 
 # Deterministic ids (md5 of a counter cast to uuid) let each step extend the previous one in SQL alone.
+INSERT_SLICE = 100_000  # rows per INSERT ... SELECT (each well inside the database deadline)
 INSERT_PATIENTS = """
 INSERT INTO patient (id, name, birth_date, mrn, sex, created_at, updated_at)
 SELECT md5('bench-patient-' || k)::uuid, 'Benchmark Patient', NULL, NULL, 'unknown',
@@ -183,14 +184,19 @@ def rows_scaling(workdir: Path, sizes: tuple, calls: int, sampler: MemorySampler
             started = time.perf_counter()
             if background > done:
                 with conn.cursor() as cur:
-                    # patient k holds screenings 10k+1 .. 10k+10: continue after the last patient inserted
-                    first_p = (done - 1) // PER_PATIENT + 1 if done else 0
-                    last_p = (background - 1) // PER_PATIENT
-                    if last_p >= first_p:
-                        cur.execute(INSERT_PATIENTS, {"first": first_p, "last": last_p})
-                    cur.execute(INSERT_EXAMS, {"first": done + 1, "last": background})
-                    cur.execute(INSERT_SCREENINGS, {"first": done + 1, "last": background})
-                    cur.execute(INSERT_GRADINGS, {"first": done + 1, "last": background})
+                    # In slices: this process imports control_api, whose psycopg2 wait callback gives
+                    # every database wait at most 10 s (finding 13), and 900,000 rows at once took longer.
+                    for first in range(done + 1, background + 1, INSERT_SLICE):
+                        last = min(first + INSERT_SLICE - 1, background)
+                        # patient k holds screenings 10k+1 .. 10k+10: continue after the last patient inserted
+                        first_p, last_p = (first - 1) // PER_PATIENT, (last - 1) // PER_PATIENT
+                        if first > 1 and (first - 1) % PER_PATIENT:
+                            first_p += 1  # that patient was inserted with the slice before
+                        if last_p >= first_p:
+                            cur.execute(INSERT_PATIENTS, {"first": first_p, "last": last_p})
+                        cur.execute(INSERT_EXAMS, {"first": first, "last": last})
+                        cur.execute(INSERT_SCREENINGS, {"first": first, "last": last})
+                        cur.execute(INSERT_GRADINGS, {"first": first, "last": last})
                     cur.execute("ANALYZE patient; ANALYZE exam; ANALYZE screening; ANALYZE grading")
                 done = background
             insert_s = time.perf_counter() - started
