@@ -64,14 +64,14 @@ NOT_FOUND = ("ModelNotFoundException", "ModelVersionNotFoundException")
 # How long an API process trusts the default version it last read (the result cache's key).
 DEFAULT_VERSION_TTL_SECONDS = 5.0
 
-# At the in-flight bound, an upload waits this long for a slot, but only while TorchServe is
-# answering (an answer came within ANSWERING_WINDOW_SECONDS): a busy TorchServe frees a slot
-# within one inference, and turning such an upload away made a healthy, merely busy system
-# answer 202 pending (5-18% of uploads at 8 concurrent clients on 2 cores). With TorchServe
-# hung no answer comes, nothing waits, and extra uploads are pending at once as before, so a
-# thread stays free for /healthz.
-ADMISSION_WAIT_SECONDS = 2.0
-ANSWERING_WINDOW_SECONDS = 2.0
+# At the in-flight bound, an upload waits this long for a slot unless TorchServe looks hung: a
+# busy TorchServe frees a slot within one inference, and turning such an upload away made a
+# healthy, merely busy system answer 202 pending (5-18% of uploads at 8 concurrent clients on
+# 2 cores, and the first burst after an idle spell). Hung means no answer for
+# ANSWERING_WINDOW_SECONDS while a prediction was in flight: then nothing waits and extra
+# uploads are pending at once as before, so a thread stays free for /healthz.
+ADMISSION_WAIT_SECONDS = 1.0
+ANSWERING_WINDOW_SECONDS = 1.0
 
 # Only a refused or reset connection is retried: the request never reached a worker, so
 # asking again cannot double any work. A timeout is not retried, it already cost the budget.
@@ -98,6 +98,8 @@ class TorchServeClient:
         self.session.mount("https://", adapter)
         self._default: tuple[str | None, float] | None = None  # (version, when read)
         self._last_answer = float("-inf")  # time.monotonic() of TorchServe's latest answer
+        self._started: dict[int, float] = {}  # thread -> time.monotonic() its prediction was sent
+        self._started_lock = threading.Lock()
         # TorchServe's token authorization: the keys from its key file (torchserve_keys.py).
         self.keys = TorchServeKeys(key_file, self.management_url)
 
@@ -117,6 +119,9 @@ class TorchServeClient:
             raise TorchServeUnavailable("this process already waits on as many predictions as it allows")
         started = time.perf_counter()
         outcome = "error"
+        me = threading.get_ident()
+        with self._started_lock:
+            self._started[me] = time.monotonic()
         try:
             response = self._post(url, image, content_type)
             self._last_answer = time.monotonic()
@@ -130,16 +135,23 @@ class TorchServeClient:
             outcome = "unreachable"
             raise TorchServeUnavailable("TorchServe is unreachable") from None
         finally:
+            with self._started_lock:
+                self._started.pop(me, None)
             metrics.TORCHSERVE_SECONDS.labels(operation, outcome).observe(time.perf_counter() - started)
             if self.in_flight is not None:
                 self.in_flight.release()
 
     def _admit(self) -> bool:
-        """A prediction slot: at once if one is free, else after a short wait while TorchServe
-        is answering (ADMISSION_WAIT_SECONDS says why); False when none came."""
+        """A prediction slot: at once if one is free, else after a short wait unless TorchServe
+        looks hung (ADMISSION_WAIT_SECONDS says why); False when none came."""
         if self.in_flight.acquire(blocking=False):
             return True
-        if time.monotonic() - self._last_answer > ANSWERING_WINDOW_SECONDS:
+        now = time.monotonic()
+        with self._started_lock:
+            oldest = min(self._started.values(), default=now)
+        # Silent since the oldest prediction in flight was sent (or since its last answer,
+        # if that came later) for longer than the window: hung, not busy.
+        if now - max(self._last_answer, oldest) >= ANSWERING_WINDOW_SECONDS:
             return False
         return self.in_flight.acquire(timeout=ADMISSION_WAIT_SECONDS)
 
