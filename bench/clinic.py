@@ -339,6 +339,18 @@ def api_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _paired_lines(rows: list[dict], lead, p50: bool = True) -> list[str]:
+    """A table line per paired row: lead(row)'s columns, A's and B's req/s, B / A (range) and,
+    with p50, A's and B's p50 ms."""
+    out = []
+    for row in rows:
+        cells = [*lead(row), side_median(row, "a"), side_median(row, "b"), _range(row)]
+        if p50:
+            cells += [side_median(row, "a", "p50_ms"), side_median(row, "b", "p50_ms")]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return out
+
+
 def sections(r: dict) -> list[str]:
     """The clinic's tables, each under a ## heading (clinic.md and bench/run.py's README.md)."""
     lines = ["## API end to end against TorchServe direct (issue 14 item 1)", "",
@@ -350,29 +362,21 @@ def sections(r: dict) -> list[str]:
               "The API as it is against bench/sequential_app.py (the upload path before issue 14), same backend.", "",
               "| backend | concurrency | before req/s | after req/s | after / before (range) | before p50 ms | after p50 ms |",
               "|---|---|---|---|---|---|---|"]
-    for row in r["before_after"]:
-        lines.append(f"| {row['backend']} | {row['concurrency']} | {side_median(row, 'a')} | {side_median(row, 'b')} | "
-                     f"{_range(row)} | {side_median(row, 'a', 'p50_ms')} | {side_median(row, 'b', 'p50_ms')} |")
+    lines += _paired_lines(r["before_after"], lambda row: [row["backend"], row["concurrency"]])
     lines += ["", "## Re-send (result cache, issue 14 item 3), embedded backend, keep-alive", "",
               "| concurrency | new bytes req/s | same bytes req/s | speed-up (range) | new p50 ms | same p50 ms |",
               "|---|---|---|---|---|---|"]
-    for row in r["resend"]:
-        lines.append(f"| {row['concurrency']} | {side_median(row, 'a')} | {side_median(row, 'b')} | {_range(row)} | "
-                     f"{side_median(row, 'a', 'p50_ms')} | {side_median(row, 'b', 'p50_ms')} |")
+    lines += _paired_lines(r["resend"], lambda row: [row["concurrency"]])
     lines += ["", "## The naive server against TorchServe direct", "",
               "What a clinic's developer writes first (bench/naive_server.py, NAIVE_PREPROCESS=resize): Flask with "
               "the model in-process, the whole JPEG decoded and resized, one sync gunicorn worker per core, one torch "
               "thread each; same photographs, same concurrency, interleaved with TorchServe direct.", "",
               "| concurrency | TorchServe req/s | naive req/s | naive / TorchServe (range) | TorchServe p50 ms | naive p50 ms |",
               "|---|---|---|---|---|---|"]
-    for row in r["naive"]:
-        lines.append(f"| {row['concurrency']} | {side_median(row, 'a')} | {side_median(row, 'b')} | {_range(row)} | "
-                     f"{side_median(row, 'a', 'p50_ms')} | {side_median(row, 'b', 'p50_ms')} |")
+    lines += _paired_lines(r["naive"], lambda row: [row["concurrency"]])
     lines += ["", "## Engines in TorchServe (direct, keep-alive)", "",
               "| network | concurrency | eager req/s | onnx req/s | onnx / eager (range) |", "|---|---|---|---|---|"]
-    for row in r["engines"]:
-        lines.append(f"| {row['network']} | {row['concurrency']} | {side_median(row, 'a')} | {side_median(row, 'b')} | "
-                     f"{_range(row)} |")
+    lines += _paired_lines(r["engines"], lambda row: [row["network"], row["concurrency"]], p50=False)
     if r.get("api_vs_torchserve_real_network"):
         lines += [""] + real_network.section(r["api_vs_torchserve_real_network"])
     lines += ["", "## The limit: in-process, one single-threaded process per core, no HTTP", "",
