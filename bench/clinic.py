@@ -96,6 +96,21 @@ def cell(label: str, send, concurrency: int, n: int, ok=(200,), sampler: MemoryS
     return row
 
 
+def versus_torchserve(ts, api, backend: str, datas, args, fresh_connections=(False,)) -> list[dict]:
+    """The API against TorchServe direct, paired, at each concurrency and connection kind
+    (False: keep-alive, True: a fresh connection per request)."""
+    rows = []
+    for c in args.concurrency:
+        for fresh in fresh_connections:
+            conn = "fresh connection" if fresh else "keep-alive"
+            row = paired(f"torchserve direct, {conn}", predict_sender(ts.inference_url, datas, fresh, auth=ts.auth()),
+                         f"api {backend}, {conn}", upload_sender(api, datas, fresh), c, args)
+            row.update(backend=backend, connection=conn)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
+    return rows
+
+
 def paired(a_label, a_send, b_label, b_send, concurrency, args, ok_b=(201,), ok_a=None) -> dict:
     """A and B interleaved round by round; B's throughput over A's per round, median and range."""
     ok_a = ok_a or ((201,) if "api" in a_label else (200,))
@@ -146,19 +161,11 @@ def measure(args) -> dict:
         mar = bench_inputs.archive_for(ck_path, ck_sha, DEFAULTS, args.cache)
         with systems.torchserve(tmp / "ts", mar, DEFAULTS, sampler) as ts:
             for backend in args.backends:
-                # The API's own defaults (control_api/settings.py): min(2 x cores + 1, 8) workers
-                # of 4 threads, at most threads - 1 predictions in flight per worker.
-                workers = min(2 * (os.cpu_count() or 1) + 1, 8)
+                # The API's own defaults (control_api/settings.py): its worker count, 4 threads
+                # each, at most threads - 1 predictions in flight per worker.
+                workers = systems.API_DEFAULT_WORKERS
                 with systems.api(tmp / f"api-{backend}", ts, backend, photos[:1], sampler, workers=workers) as api:
-                    for c in args.concurrency:
-                        for fresh in (False, True):
-                            conn = "fresh connection" if fresh else "keep-alive"
-                            row = paired(f"torchserve direct, {conn}", predict_sender(ts.inference_url, datas, fresh,
-                                                                      auth=ts.auth()),
-                                         f"api {backend}, {conn}", upload_sender(api, datas, fresh), c, args)
-                            row.update(backend=backend, connection=conn)
-                            report["api_vs_torchserve"].append(row)
-                            print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
+                    report["api_vs_torchserve"] += versus_torchserve(ts, api, backend, datas, args, (False, True))
                     # Before/after issue 14's upload changes, same backend, same run.
                     with systems.api(tmp / f"before-{backend}", ts, backend, photos[:1], sampler, workers=workers,
                                      app="bench.sequential_app:app", label=f"api {backend} before") as before:

@@ -10,8 +10,6 @@ replaces the other. Same photographs, backends and pairing as bench/clinic.py, k
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from bench import systems
@@ -21,21 +19,14 @@ NETWORK = "efficientnet_b0 384 px, onnx (random weights)"
 
 def measure(tmp: Path, mar: Path, photos, datas, args, sampler) -> list[dict]:
     """Paired rows (TorchServe direct, API) per backend and concurrency on the archive `mar`."""
-    from bench.clinic import DEFAULTS, paired, predict_sender, upload_sender
+    from bench.clinic import DEFAULTS, versus_torchserve
 
     rows = []
-    workers = min(2 * (os.cpu_count() or 1) + 1, 8)  # the API's default, as in bench/clinic.py
     with systems.torchserve(tmp / "ts-real-network", mar, DEFAULTS, sampler, label="torchserve effnet onnx") as ts:
         for backend in args.backends:
             with systems.api(tmp / f"api-real-network-{backend}", ts, backend, photos[:1], sampler,
-                             workers=workers, label=f"api {backend} effnet") as api:
-                for c in args.concurrency:
-                    row = paired("torchserve direct, keep-alive", predict_sender(ts.inference_url, datas, False,
-                                                                                auth=ts.auth()),
-                                 f"api {backend}, keep-alive", upload_sender(api, datas, False), c, args)
-                    row.update(backend=backend, connection="keep-alive", network=NETWORK)
-                    rows.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
+                             workers=systems.API_DEFAULT_WORKERS, label=f"api {backend} effnet") as api:
+                rows += [{**row, "network": NETWORK} for row in versus_torchserve(ts, api, backend, datas, args)]
     return rows
 
 

@@ -103,7 +103,7 @@ def _run_facts(report: dict) -> list[str]:
           "- What shares the cores: the load client, the API (gunicorn), TorchServe, SeaweedFS and PostgreSQL all "
           f"run on the same {m.get('logical_cores')} cores; the sections run one after another, so no other part of "
           "this run competes with a cell (other work on the machine shows in the load averages).",
-          f"- TorchServe matrix (batch-delay-workers-threads): "
+          "- TorchServe matrix (batch-delay-workers-threads): "
           + ", ".join(c["tag"] for c in st.get("torchserve_configs", []) + st.get("torchserve_variants", []))
           + f"; the clinic's TorchServe: {(st.get('api_torchserve_config') or {}).get('tag')}; "
           f"{st.get('requests_per_cell')} requests per matrix cell, {st.get('clinic_requests_per_cell')} per clinic "

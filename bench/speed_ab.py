@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     datas = [ph.data() for ph in photos]
     ck_path, ck_info = bench_inputs.checkpoint()
     sampler = MemorySampler()
-    workers = min(2 * (os.cpu_count() or 1) + 1, 8)
+    workers = systems.API_DEFAULT_WORKERS
     report = {"backend": args.backend, "before": str(args.before), "after": str(args.after or "this checkout"), "load_average_at_start": os.getloadavg(),
               "requests_per_cell": args.requests, "cells": []}
     with tempfile.TemporaryDirectory(prefix="clarity-ab-") as tmp:

@@ -16,6 +16,7 @@ from typing import Callable
 import requests
 
 from bench.inputs import BenchInput, ServeConfig
+from control_api.settings import Settings
 from bench.driver import MemorySampler, multipart
 from scripts.serving.processes import (REPO, VENV_BIN, Gunicorn, PostgresDatabase, Process, SeaweedS3, TorchServe,
                               flask_cli, free_port)
@@ -56,6 +57,11 @@ def prediction_sender(url: str, inputs: list[BenchInput], *, fresh_connection: b
                             timeout=TIMEOUT)
 
     return send
+
+
+# The API's own worker count with nothing configured (control_api/settings.py), for the cells
+# that compare the API as deployed; the scaling and soak runs keep their own 2.
+API_DEFAULT_WORKERS = Settings.from_env({}).workers
 
 
 @contextlib.contextmanager

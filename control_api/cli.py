@@ -13,7 +13,7 @@ from . import agreement, migrations
 from .auth import create_key, revoke_key
 from .db import db
 from .grading import grade_pending
-from .models import ROLES, ApiKey, Grading, Screening, utcnow
+from .models import ROLES, ApiKey, Grading, Screening
 from .storage import ObjectCorrupted, ObjectMissing, StorageUnavailable, get_storage
 from .torchserve import get_client
 

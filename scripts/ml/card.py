@@ -32,7 +32,7 @@ def archive_card(ck: dict, meta: dict, n_params: int) -> str:
         "## Model",
         f"- Architecture: `{meta['arch']}` backbone + linear head, {meta['num_classes']} classes, "
         f"{n_params:,} parameters",
-        f"- Grades: " + "; ".join(f"{i} = {label}" for i, label in enumerate(meta["grade_labels"])),
+        "- Grades: " + "; ".join(f"{i} = {label}" for i, label in enumerate(meta["grade_labels"])),
         f"- Referable: grade >= {meta['referable_threshold']}",
         f"- Input: {meta['preprocess']['input_size']} px square disc crop; preprocessing "
         f"`{json.dumps(meta['preprocess'])}`",

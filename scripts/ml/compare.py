@@ -27,7 +27,7 @@ import torch
 from handlers import fundus, quality
 from handlers.network import DRNet
 from scripts.ml import datasets
-from scripts.ml.train import GRADE_LABELS, load_checkpoint, predict, qwk
+from scripts.ml.train import load_checkpoint, predict, qwk
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, fundus.PreprocessConfig, quality.QualityThresholds, int, str]:
