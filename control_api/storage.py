@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,8 +47,26 @@ class StoredObject:
     modified_at: datetime  # UTC
 
 
+class _LastDigest(threading.local):
+    data: bytes | None = None
+    hexdigest = ""
+
+
+_last_digest = _LastDigest()
+_REMEMBER_FROM = 64 * 1024  # photographs, not keys and fingerprints
+
+
 def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    """The SHA-256 of `data` as hex. Each thread remembers the last large bytes object it hashed:
+    an upload is hashed when it arrives and again by the local backend's check before the write,
+    and bytes are immutable, so the same object needs no second pass (0.6 ms of CPU per 1 MB
+    photograph). Other bytes, even equal ones, are hashed."""
+    if type(data) is bytes and data is _last_digest.data:
+        return _last_digest.hexdigest
+    digest = hashlib.sha256(data).hexdigest()
+    if type(data) is bytes and len(data) >= _REMEMBER_FROM:
+        _last_digest.data, _last_digest.hexdigest = data, digest
+    return digest
 
 
 def screening_key(screening_id) -> str:

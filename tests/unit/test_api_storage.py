@@ -1,6 +1,7 @@
 """Both storage backends keep the same promises: here the local folder; the same tests run against a real
 SeaweedFS S3 server in tests/integration/test_api_storage_s3.py."""
 import hashlib
+import os
 import uuid
 
 import pytest
@@ -87,3 +88,17 @@ def test_local_detects_tampering(tmp_path):
     with pytest.raises(ObjectCorrupted):
         storage.get(k, sha256=SHA)
     assert storage.download_url(k, content_type="image/jpeg") is None  # local images stream through the API
+
+
+def test_a_photograph_is_hashed_once_per_thread_but_other_bytes_always(monkeypatch):
+    import control_api.storage as storage_mod
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(storage_mod.hashlib, "sha256", lambda data: calls.append(len(data)) or real(data))
+    photo = os.urandom(200_000)
+    digest = storage_mod.sha256_hex(photo)
+    assert storage_mod.sha256_hex(photo) == digest and calls == [200_000]  # the same object: remembered
+    copy = bytes(bytearray(photo))
+    assert copy is not photo and storage_mod.sha256_hex(copy) == digest and len(calls) == 2
+    changed = photo[:-1] + b"!"
+    assert storage_mod.sha256_hex(changed) == real(changed).hexdigest() and len(calls) == 3
