@@ -22,6 +22,8 @@ report.json; alone it writes clinic.md and clinic.json to --out.
   weights, on the demo network and on EfficientNet-B0 at 384 px (random weights).
 - real network: api vs torchserve again with that EfficientNet-B0 ONNX archive behind both
   (bench/real_network.py), keep-alive, every backend and concurrency.
+- split cores: api vs torchserve again with TorchServe on half the CPUs and the API's side on the
+  other half (bench/split_cores.py), keep-alive, every backend and concurrency.
 The demo model is trained on synthetic images: these runs measure the machinery, not accuracy.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pathlib import Path
 import requests
 
 from bench import inputs as bench_inputs
-from bench import real_network, systems
+from bench import real_network, split_cores, systems
 from bench.driver import MemorySampler, cpu_delta, multipart, run_load
 from bench.inputs import ServeConfig
 from scripts.serving.processes import REPO
@@ -154,7 +156,7 @@ def measure(args) -> dict:
               "plan": {"requests_per_cell": args.requests, "rounds": args.rounds,
                        "concurrency": list(args.concurrency), "backends": list(args.backends),
                        "torchserve": DEFAULTS.to_dict(), "limit_seconds": args.limit_seconds},
-              "api_vs_torchserve": [], "before_after": [], "resend": [], "naive": [], "engines": []}
+              "api_vs_torchserve": [], "api_vs_torchserve_split_cores": [], "before_after": [], "resend": [], "naive": [], "engines": []}
     sampler = args.sampler
     with tempfile.TemporaryDirectory(prefix="clarity-clinic-") as tmp:
         tmp = Path(tmp)
@@ -166,6 +168,7 @@ def measure(args) -> dict:
                 workers = systems.API_DEFAULT_WORKERS
                 with systems.api(tmp / f"api-{backend}", ts, backend, photos[:1], sampler, workers=workers) as api:
                     report["api_vs_torchserve"] += versus_torchserve(ts, api, backend, datas, args, (False, True))
+                    report["api_vs_torchserve_split_cores"] += split_cores.measure(ts, api, backend, datas, args)
                     # Before/after issue 14's upload changes, same backend, same run.
                     with systems.api(tmp / f"before-{backend}", ts, backend, photos[:1], sampler, workers=workers,
                                      app="bench.sequential_app:app", label=f"api {backend} before") as before:
@@ -384,6 +387,8 @@ def sections(r: dict) -> list[str]:
     lines += ["", "## Engines in TorchServe (direct, keep-alive)", "",
               "| network | concurrency | eager req/s | onnx req/s | onnx / eager (range) |", "|---|---|---|---|---|"]
     lines += _paired_lines(r["engines"], lambda row: [row["network"], row["concurrency"]], p50=False)
+    if r.get("api_vs_torchserve_split_cores"):
+        lines += [""] + split_cores.section(r["api_vs_torchserve_split_cores"])
     if r.get("api_vs_torchserve_real_network"):
         lines += [""] + real_network.section(r["api_vs_torchserve_real_network"])
     lines += ["", "## The limit: in-process, one single-threaded process per core, no HTTP", "",

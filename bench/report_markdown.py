@@ -101,7 +101,8 @@ def _run_facts(report: dict) -> list[str]:
           f"- Inputs of the further sections ({len(report.get('inputs', []))}): "
           + ", ".join(f"{i['name']} ({i['megapixels']} MP, {i['bytes'] // 1024} KB)" for i in report.get("inputs", [])),
           "- What shares the cores: the load client, the API (gunicorn), TorchServe, SeaweedFS and PostgreSQL all "
-          f"run on the same {m.get('logical_cores')} cores; the sections run one after another, so no other part of "
+          f"run on the same {m.get('logical_cores')} cores (except in the cells marked \"API tier on its own cores\", "
+          "bench/split_cores.py); the sections run one after another, so no other part of "
           "this run competes with a cell (other work on the machine shows in the load averages).",
           "- TorchServe matrix (batch-delay-workers-threads): "
           + ", ".join(c["tag"] for c in st.get("torchserve_configs", []) + st.get("torchserve_variants", []))

@@ -1,6 +1,6 @@
 """Benchmarks: every figure of issue 14 and the cost of every hop, measured in one run.
 
-    python -m bench.run [--smoke] [--out DIR] [--only preprocess,torchserve,clinic,engine,scaling]
+    python -m bench.run [--smoke] [--out DIR] [--only preprocess,engine,torchserve,clinic,scaling]
                             [--requests N] [--rounds N] [--soak-requests N] [--max-rows N]
 
 Sections, in this order, in one process:
@@ -8,14 +8,15 @@ Sections, in this order, in one process:
               (cached under var/bench/): preprocessing split into its steps, draft-mode vs full JPEG
               decode, the forward pass alone (threads, TorchScript vs eager), the API's own work per
               upload;
+- engine:     eager vs ONNX Runtime fp32 and int8 in-process (bench/engine.py), with agreement;
 - torchserve: POST /predictions at each concurrency on those 13 inputs, for batch sizes 1, 4 and 8
               on the archive's defaults and the settings those defaults replaced (before/after
               pairs); connection reuse;
 - clinic:     the clinic's case (bench/clinic.py): 9-12 MP JPEGs, the API against TorchServe direct
-              per backend x connection x concurrency, before/after the upload changes, the result
-              cache's re-send, the naive baseline against TorchServe direct, eager vs ONNX archives
-              in TorchServe, and the limit (the best in-process configuration on the same photographs);
-- engine:     eager vs ONNX Runtime fp32 and int8 in-process (bench/engine.py), with agreement;
+              per backend x connection x concurrency (also with the API tier on its own cores),
+              before/after the upload changes, the result cache's re-send, the naive baseline
+              against TorchServe direct, eager vs ONNX archives in TorchServe, and the limit (the
+              best in-process configuration on the same photographs);
 - scaling:    listing and summary latency at 1k..1M screenings in PostgreSQL with EXPLAIN plans,
               and process memory over a long run of uploads (the soak).
 It writes report.json, README.md (targets computed from this run's cells) and PNG plots to --out
@@ -46,7 +47,7 @@ from bench.inputs import ServeConfig
 from bench.driver import MemorySampler, run_load, scrape, server_side
 from scripts.serving.processes import REPO
 
-SECTIONS = ("preprocess", "torchserve", "clinic", "engine", "scaling")
+SECTIONS = ("preprocess", "engine", "torchserve", "clinic", "scaling")
 OUT = REPO / "docs" / "benchmarks"
 
 
@@ -109,7 +110,7 @@ def full_plan() -> Plan:
         repeats=5, rows=(1_000, 10_000, 100_000, 1_000_000),
         soak_requests=10_000, soak_every=500, scaling_calls=40,
         clinic_requests=40, clinic_rounds=2, limit_seconds=15,
-        engine_rounds=3, engine_heldout=400, engine_sizes=(384, 512))
+        engine_rounds=5, engine_heldout=400, engine_sizes=(384, 512))
 
 
 def smoke_plan() -> Plan:
@@ -278,9 +279,12 @@ class Bench:
         ck_path, ck_info = bench_inputs.checkpoint(self.cache)
         report["model"] = ck_info
         steps = [("preprocess", lambda: self.preprocess(inputs, ck_path)),
+                 # Single-threaded in-process timings first, before any server has loaded the machine:
+                 # in the run after the clinic cells ONNX Runtime measured 44 ms per image where it
+                 # measures 33-36 ms on a quiet machine (docs/benchmarks/speed.md).
+                 ("engine", lambda: self.engine_section(ck_path)),
                  ("torchserve", lambda: self.torchserve_section(inputs, ck_path, ck_info["sha256"])),
                  ("clinic", self.clinic_section),
-                 ("engine", lambda: self.engine_section(ck_path)),
                  ("scaling", lambda: self.scaling_section(inputs, ck_path, ck_info["sha256"]))]
         report["meta"]["section_s"] = {}
         try:

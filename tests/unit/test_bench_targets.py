@@ -100,3 +100,20 @@ def test_the_real_size_network_cells_are_judged_on_their_own_worst_cell():
     assert ratio["value"] == 0.83 and ratio["met"] is False and "embedded, keep-alive, c=8" in ratio["where"]
     assert added["value"] == 9.0 and added["met"] is True
     assert [t for t in ratios.targets(report) if t["item"] == "1"] == demo  # the demo network's, unchanged
+
+
+def test_the_split_core_cells_get_rows_of_their_own_and_a_section():
+    """bench/split_cores.py's cells (TorchServe on half the CPUs, the API's side on the other
+    half) are judged on their own worst cell, beside the shared arrangement's rows."""
+    report = _report()
+    shared = [t for t in ratios.targets(report) if t["item"] == "1"]
+    split = [{**_row(b, "keep-alive", c, 0.9, 12.5 if c == 1 else 3.0), "arrangement": "API tier on its own cores",
+              "torchserve_cpus": [0], "api_side_cpus": [1]} for b in ("embedded", "postgres-s3") for c in (1, 8)]
+    report["clinic"]["api_vs_torchserve_split_cores"] = split
+    ratio, added = [t for t in ratios.targets(report) if t["item"] == "1, API tier on its own cores"]
+    assert ratio["value"] == 0.9 and ratio["met"] is True
+    assert added["value"] == 12.5 and added["met"] is False and "c=1" in added["where"]
+    assert [t for t in ratios.targets(report) if t["item"] == "1"] == shared
+    text = "\n".join(clinic.sections(report["clinic"]))
+    assert "## API end to end against TorchServe direct, API tier on its own cores" in text
+    assert "TorchServe on CPUs [0]" in text
