@@ -171,12 +171,7 @@ class MemorySampler(threading.Thread):
             out[group] = out.get(group, 0.0) + t.user + t.system
 
         for label, pid in roots.items():
-            try:
-                root = psutil.Process(pid)
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                continue
-            for p in procs:
+            for p in process_tree(pid):
                 r = role(p)
                 add(label if label.endswith(r) else f"{label}: {r}", p)
         if databases:
@@ -214,12 +209,7 @@ class MemorySampler(threading.Thread):
     def tree(pid: int) -> dict[int, tuple[str, int]]:
         """pid -> (role, rss bytes) for the process and its descendants."""
         out = {}
-        try:
-            root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return out
-        for p in procs:
+        for p in process_tree(pid):
             try:
                 out[p.pid] = (role(p), p.memory_info().rss)
             except psutil.Error:
@@ -263,6 +253,15 @@ class MemorySampler(threading.Thread):
     def peaks(self) -> dict:
         with self.lock:
             return _rounded(self.lifetime)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and its descendants now; empty when it is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def cpu_delta(before: dict, after: dict, requests: int) -> dict:

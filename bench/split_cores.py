@@ -17,6 +17,8 @@ import os
 
 import psutil
 
+from bench.driver import process_tree
+
 ARRANGEMENT = "API tier on its own cores"
 
 
@@ -29,12 +31,7 @@ def halves() -> tuple[set, set] | None:
 
 
 def _pin_tree(pid: int, cpus: set) -> None:
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
+    for p in process_tree(pid):
         with contextlib.suppress(psutil.Error, OSError):
             for thread in p.threads():
                 with contextlib.suppress(OSError):  # a thread that just ended
