@@ -3,7 +3,7 @@ beside them, and before/after pairs. Every figure compares cells measured on the
 the same concurrency in this run (bench/clinic.py pairs and interleaves them)."""
 from __future__ import annotations
 
-from bench.clinic import TARGET_ADDED_P50_MS, TARGET_RATIO, side_median
+from bench.clinic_report import TARGET_ADDED_P50_MS, TARGET_RATIO, side_median
 
 # Issue 14 item 2's targets, judged on the real-size network's rows of bench/engine.py.
 ONNX_SPEEDUP_TARGET = 1.8

@@ -31,7 +31,7 @@ def measure(tmp: Path, mar: Path, photos, datas, args, sampler) -> list[dict]:
 
 
 def section(rows: list[dict]) -> list[str]:
-    from bench.clinic import TARGET_ADDED_P50_MS, TARGET_RATIO, api_table, cpu_table
+    from bench.clinic_report import TARGET_ADDED_P50_MS, TARGET_RATIO, api_table, cpu_table
 
     return [f"## API end to end against TorchServe direct on a real-size network ({NETWORK})", "",
             "Item 1's comparison again with the model a real DR network costs on these CPUs (the table above "

@@ -1,7 +1,7 @@
 """The benchmark report's README.md, section by section, from report.json's content."""
 from __future__ import annotations
 
-from bench import clinic
+from bench import clinic_report
 from bench.ratios import INT8_AGREEMENT, cells, div, int8_adoptable
 
 
@@ -132,7 +132,7 @@ def _clinic(report: dict) -> list[str]:
     c = report.get("clinic")
     if not c:
         return []
-    return ["# The clinic's case: 9–12 MP fundus JPEGs, paired cells", "", *clinic.conditions(c), *clinic.sections(c)]
+    return ["# The clinic's case: 9–12 MP fundus JPEGs, paired cells", "", *clinic_report.conditions(c), *clinic_report.sections(c)]
 
 
 def _engine(report: dict) -> list[str]:

@@ -7,7 +7,7 @@ backend, with TorchServe direct beside them, the three cells interleaved round b
 
 Same TorchServe, same 9-12 MP JPEGs made unique per upload, the API's default worker count; each
 API gets its own database (and SeaweedFS). Ratios are per round (median, range); each cell also
-has the CPU ms per request of each process group (bench.clinic.cpu_columns).
+has the CPU ms per request of each process group (bench.clinic_report.cpu_columns).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench import clinic, systems
+from bench import clinic, clinic_report, systems
 from bench import inputs as bench_inputs
 from bench.driver import MemorySampler
 
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
                        "after_over_before": _ratios(rounds, "before", "after"),
                        "before_over_torchserve": _ratios(rounds, "torchserve", "before"),
                        "after_over_torchserve": _ratios(rounds, "torchserve", "after"),
-                       "cpu_ms_per_request": {who: dict(zip([g for g, _ in clinic.CPU_GROUPS] + ["other", "machine"],
-                                                            clinic.cpu_columns({"rounds": [[x[who]] for x in rounds]}, 0)))
+                       "cpu_ms_per_request": {who: dict(zip([g for g, _ in clinic_report.CPU_GROUPS] + ["other", "machine"],
+                                                            clinic_report.cpu_columns({"rounds": [[x[who]] for x in rounds]}, 0)))
                                               for who in sends}}
                 report["cells"].append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)

@@ -78,7 +78,7 @@ def measure(ts, api, backend: str, datas, args) -> list[dict]:
 
 
 def section(rows: list[dict]) -> list[str]:
-    from bench.clinic import TARGET_ADDED_P50_MS, TARGET_RATIO, api_table, cpu_table
+    from bench.clinic_report import TARGET_ADDED_P50_MS, TARGET_RATIO, api_table, cpu_table
 
     first = rows[0]
     return [f"## API end to end against TorchServe direct, {ARRANGEMENT}", "",

@@ -2,7 +2,7 @@
 judged on every cell, never on the best one, and an unmeasured cell is never reported as met."""
 import copy
 
-from bench import clinic, ratios
+from bench import clinic, clinic_report, ratios
 from bench.report_markdown import markdown
 
 
@@ -114,6 +114,6 @@ def test_the_split_core_cells_get_rows_of_their_own_and_a_section():
     assert ratio["value"] == 0.9 and ratio["met"] is True
     assert added["value"] == 12.5 and added["met"] is False and "c=1" in added["where"]
     assert [t for t in ratios.targets(report) if t["item"] == "1"] == shared
-    text = "\n".join(clinic.sections(report["clinic"]))
+    text = "\n".join(clinic_report.sections(report["clinic"]))
     assert "## API end to end against TorchServe direct, API tier on its own cores" in text
     assert "TorchServe on CPUs [0]" in text
