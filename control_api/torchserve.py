@@ -80,13 +80,50 @@ _retry_connect = retry(retry=retry_if_exception_type(requests.ConnectionError),
                        reraise=True)
 
 
+class Admission:
+    """At most `slots` predictions of one process in flight, and what tells busy from hung: when
+    each thread's prediction was sent and when TorchServe last answered (ADMISSION_WAIT_SECONDS
+    says why)."""
+
+    def __init__(self, slots: int):
+        self.slots = threading.BoundedSemaphore(slots)
+        self.lock = threading.Lock()
+        self.sent: dict[int, float] = {}  # thread -> time.monotonic() its prediction was sent
+        self.last_answer = float("-inf")  # time.monotonic() of TorchServe's latest answer
+
+    def enter(self) -> bool:
+        """A slot for this thread's prediction: at once if one is free, else after a short wait
+        unless TorchServe looks hung; False when none came."""
+        if not self.slots.acquire(blocking=False):
+            now = time.monotonic()
+            with self.lock:
+                oldest = min(self.sent.values(), default=now)
+            # Silent since the oldest prediction in flight was sent (or since its last answer,
+            # if that came later) for longer than the window: hung, not busy.
+            if now - max(self.last_answer, oldest) >= ANSWERING_WINDOW_SECONDS:
+                return False
+            if not self.slots.acquire(timeout=ADMISSION_WAIT_SECONDS):
+                return False
+        with self.lock:
+            self.sent[threading.get_ident()] = time.monotonic()
+        return True
+
+    def answered(self) -> None:
+        self.last_answer = time.monotonic()
+
+    def leave(self) -> None:
+        with self.lock:
+            self.sent.pop(threading.get_ident(), None)
+        self.slots.release()
+
+
 class TorchServeClient:
     def __init__(self, inference_url: str, management_url: str, model_name: str, timeout: float,
                  pool_size: int = 16, max_in_flight: int | None = None, key_file: str = ""):
         # At most this many predictions at once per process: with TorchServe hung, the other
         # threads stay free for probes and reads, and further uploads are kept pending (202)
         # at once instead of each waiting out the timeout.
-        self.in_flight = threading.BoundedSemaphore(max_in_flight) if max_in_flight else None
+        self.admission = Admission(max_in_flight) if max_in_flight else None
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
         self.model_name = model_name
@@ -97,9 +134,6 @@ class TorchServeClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._default: tuple[str | None, float] | None = None  # (version, when read)
-        self._last_answer = float("-inf")  # time.monotonic() of TorchServe's latest answer
-        self._started: dict[int, float] = {}  # thread -> time.monotonic() its prediction was sent
-        self._started_lock = threading.Lock()
         # TorchServe's token authorization: the keys from its key file (torchserve_keys.py).
         self.keys = TorchServeKeys(key_file, self.management_url)
 
@@ -114,17 +148,15 @@ class TorchServeClient:
     def _ask(self, api: str, image: bytes, content_type: str, version: str | None) -> dict:
         url = f"{self.inference_url}/{api}/{self.model_name}" + (f"/{version}" if version else "")
         operation = "predict" if api == "predictions" else "explain"
-        if self.in_flight is not None and not self._admit():
+        if self.admission is not None and not self.admission.enter():
             metrics.TORCHSERVE_SECONDS.labels(operation, "busy").observe(0)
             raise TorchServeUnavailable("this process already waits on as many predictions as it allows")
         started = time.perf_counter()
         outcome = "error"
-        me = threading.get_ident()
-        with self._started_lock:
-            self._started[me] = time.monotonic()
         try:
             response = self._post(url, image, content_type)
-            self._last_answer = time.monotonic()
+            if self.admission is not None:
+                self.admission.answered()
             outcome = str(response.status_code)
             return self._prediction(response, version)
         except requests.Timeout:
@@ -135,25 +167,9 @@ class TorchServeClient:
             outcome = "unreachable"
             raise TorchServeUnavailable("TorchServe is unreachable") from None
         finally:
-            with self._started_lock:
-                self._started.pop(me, None)
             metrics.TORCHSERVE_SECONDS.labels(operation, outcome).observe(time.perf_counter() - started)
-            if self.in_flight is not None:
-                self.in_flight.release()
-
-    def _admit(self) -> bool:
-        """A prediction slot: at once if one is free, else after a short wait unless TorchServe
-        looks hung (ADMISSION_WAIT_SECONDS says why); False when none came."""
-        if self.in_flight.acquire(blocking=False):
-            return True
-        now = time.monotonic()
-        with self._started_lock:
-            oldest = min(self._started.values(), default=now)
-        # Silent since the oldest prediction in flight was sent (or since its last answer,
-        # if that came later) for longer than the window: hung, not busy.
-        if now - max(self._last_answer, oldest) >= ANSWERING_WINDOW_SECONDS:
-            return False
-        return self.in_flight.acquire(timeout=ADMISSION_WAIT_SECONDS)
+            if self.admission is not None:
+                self.admission.leave()
 
     def _post(self, url: str, image: bytes, content_type: str) -> requests.Response:
         return self._with_key("inference", lambda auth: self._send_post(url, image, content_type, auth))
