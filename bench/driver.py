@@ -80,7 +80,8 @@ def run_load(send: Send, n_inputs: int, concurrency: int, requests_total: int, *
             outcome = type(exc).__name__
         return started, time.perf_counter(), outcome
 
-    # Warm-up: connections open, first-call costs paid, JIT-free but cache-warm.
+    # Warm-up: connections open, first-call costs paid (TorchServe's JIT is warmed once per server:
+    # bench/systems.py, warm_up).
     if warmup:
         with ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(lambda k: one(sessions[k % concurrency], k), range(warmup)))

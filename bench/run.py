@@ -71,6 +71,7 @@ class Plan:
     engine_heldout: int            # synthetic images for the ONNX agreement
     engine_sizes: tuple            # EfficientNet-B0 input sizes
     clinic_concurrency: tuple = (1, 8)
+    torchserve_warm_up: int = bench_systems.WARM_UP_REQUESTS  # unmeasured requests per TorchServe started
     thread_counts: tuple = (1, os.cpu_count() or 1)   # torch threads for the forward-pass rows
     smoke: bool = False
     notes: list = field(default_factory=list)
@@ -87,7 +88,8 @@ class Plan:
                 "clinic_requests_per_cell": self.clinic_requests, "clinic_rounds": self.clinic_rounds,
                 "clinic_concurrency": list(self.clinic_concurrency), "limit_seconds": self.limit_seconds,
                 "engine_rounds": self.engine_rounds, "engine_heldout": self.engine_heldout,
-                "engine_sizes": list(self.engine_sizes), "smoke": self.smoke}
+                "engine_sizes": list(self.engine_sizes), "torchserve_warm_up_requests": self.torchserve_warm_up,
+                "smoke": self.smoke}
 
 
 DEFAULTS = bench_clinic.DEFAULTS  # the archive's defaults: the clinic's cells run on them
@@ -119,7 +121,7 @@ def smoke_plan() -> Plan:
         api_backends=("embedded", "postgres-s3"), repeats=1,
         rows=(1_000,), soak_requests=40, soak_every=10, scaling_calls=5, thread_counts=(1,),
         clinic_requests=8, clinic_rounds=1, limit_seconds=3,
-        engine_rounds=1, engine_heldout=16, engine_sizes=(384,), smoke=True)
+        engine_rounds=1, engine_heldout=16, engine_sizes=(384,), torchserve_warm_up=16, smoke=True)
 
 
 def machine() -> dict:
@@ -333,7 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_rows:
         plan.rows = tuple(r for r in plan.rows if r <= args.max_rows) or (args.max_rows,)
     args.cache.mkdir(parents=True, exist_ok=True)
-    report = Bench(plan, args.cache, only, sys.argv[1:] if argv is None else argv).run()
+    warm_up, bench_systems.WARM_UP_REQUESTS = bench_systems.WARM_UP_REQUESTS, plan.torchserve_warm_up
+    try:  # every TorchServe this run starts gets the plan's warm-up
+        report = Bench(plan, args.cache, only, sys.argv[1:] if argv is None else argv).run()
+    finally:
+        bench_systems.WARM_UP_REQUESTS = warm_up
     paths = bench_report.write(report, args.out)
     for path in paths:
         print(path)

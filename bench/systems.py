@@ -15,13 +15,20 @@ from typing import Callable
 
 import requests
 
-from bench.inputs import BenchInput, ServeConfig
+from bench.driver import MemorySampler, multipart, run_load
+from bench.inputs import SAMPLES, BenchInput, ServeConfig
 from control_api.settings import Settings
-from bench.driver import MemorySampler, multipart
 from scripts.serving.processes import (REPO, VENV_BIN, Gunicorn, PostgresDatabase, Process, SeaweedS3, TorchServe,
                               flask_cli, free_port)
 
 TIMEOUT = (5, 120)
+# TorchServe's frontend is Java: HotSpot compiles its request path during the first couple of
+# hundred requests, and until then the frontend spends several times its settled CPU on each one
+# (docs/benchmarks/speed.md, section 10). Every TorchServe is sent this many real photographs
+# before it is handed out, so that no cell compares a cold TorchServe with a warm one.
+WARM_UP_REQUESTS = 320
+WARM_UP_CONCURRENCY = 8
+WARM_UP_PHOTO = SAMPLES / "idrid_01.jpg"
 
 
 @dataclass
@@ -73,12 +80,30 @@ def torchserve(workdir: Path, mar: Path, cfg: ServeConfig, sampler: MemorySample
     server.start(timeout=180)
     try:
         server.wait_model_ready("dr", timeout=180)
+        warm_up(server)
         sampler.track(label, server.proc.pid)
         server.bench_label = label
         yield server
     finally:
         sampler.untrack(label)
         server.stop()
+
+
+def warm_up(server: TorchServe, requests_total: int | None = None) -> None:
+    """Send `requests_total` (default WARM_UP_REQUESTS) predictions of a 9.7 MP photograph,
+    unmeasured; raise when one fails (a TorchServe that cannot grade it would fail every cell)."""
+    requests_total = WARM_UP_REQUESTS if requests_total is None else requests_total
+    if requests_total <= 0:
+        return
+    data, auth = WARM_UP_PHOTO.read_bytes(), server.auth()
+
+    def send(session: requests.Session, i: int) -> requests.Response:
+        return session.post(f"{server.inference_url}/predictions/dr", data=data,
+                            headers={"Content-Type": "image/jpeg", **auth}, timeout=TIMEOUT)
+
+    result = run_load(send, 1, WARM_UP_CONCURRENCY, requests_total, warmup=0, check=_graded, progress=False)
+    if result.errors:
+        raise RuntimeError(f"TorchServe failed its warm-up: {result.errors}")
 
 
 def torchserve_handle(server: TorchServe, cfg: ServeConfig, inputs: list[BenchInput], **kw) -> Handle:

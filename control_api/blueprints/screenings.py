@@ -2,7 +2,8 @@
 
 Upload order: validate -> ask TorchServe (in the background) -> store the object -> await the
 answer -> write the row -> store the grading; all rows and the audit row commit together.
-No database lock is held while the model works (see _fresh_transaction).
+No database lock is held while the model works (see _fresh_transaction). On PostgreSQL, whose
+row locks stop nobody else, the row is written before the answer is awaited.
 - storage fails: nothing was written (503);
 - the row fails: the object is deleted again;
 - TorchServe down or slow: the screening stays `pending` (202 + Retry-After) for
@@ -249,12 +250,15 @@ def _made_before(idempotency_key: str | None, fingerprint: str, photo: dicom.Pho
 
 def _store_while_predicting(screening: Screening, data: bytes, photo: dicom.Photo, prepared):
     """Put the object in storage while TorchServe already grades it; the early prediction's
-    future (done: its answer or its exception, which grade() takes), or None."""
+    future (its answer or its exception, which grade() takes), or None. On SQLite the future is
+    done when this returns, so that the rows are written after the answer (_fresh_transaction
+    says why); on PostgreSQL the rows are written while TorchServe still works, and grade()
+    waits for the answer."""
     early = ask_early(get_client(), screening, data, prepared)
     storage = get_storage()
     with metrics.STORAGE_SECONDS.labels(storage.name, "put").time():
         storage.put(screening.image_key, data, content_type=photo.content_type, sha256=screening.image_sha256)
-    if early is not None:
+    if early is not None and _one_writer():
         futures.wait([early])
     return early
 
@@ -294,8 +298,13 @@ def _fresh_transaction() -> None:
     transaction (SQLITE_BUSY at once, a 503), and writing first and waiting afterwards would hold the
     one write lock for the whole inference. Nothing is written yet, so every write and the audit row
     still commit together. PostgreSQL (READ COMMITTED, row locks) needs none of it: two round trips."""
-    if db.transaction_depth() == 1 and isinstance(db.obj, peewee.SqliteDatabase):
+    if db.transaction_depth() == 1 and _one_writer():
         db.top_transaction().commit()
+
+
+def _one_writer() -> bool:
+    """True on SQLite, where one connection at a time may write (PostgreSQL locks rows)."""
+    return isinstance(db.obj, peewee.SqliteDatabase)
 
 
 def _exam_in_form(patient: Patient, exam_id) -> Exam | None:
