@@ -108,7 +108,10 @@ def _run_facts(report: dict) -> list[str]:
           + ", ".join(c["tag"] for c in st.get("torchserve_configs", []) + st.get("torchserve_variants", []))
           + f"; the clinic's TorchServe: {(st.get('api_torchserve_config') or {}).get('tag')}; "
           f"{st.get('requests_per_cell')} requests per matrix cell, {st.get('clinic_requests_per_cell')} per clinic "
-          f"cell in {st.get('clinic_rounds')} interleaved round(s).",
+          f"cell in {st.get('clinic_rounds')} interleaved round(s)."
+          + (f" Every TorchServe was sent {st['torchserve_warm_up_requests']} predictions of a 9.7 MP photograph "
+             "(8 at a time, unmeasured) before its first cell: its Java frontend compiles its request path during "
+             "the first few hundred requests (speed.md, section 10)." if st.get("torchserve_warm_up_requests") else ""),
           ""]
 
 

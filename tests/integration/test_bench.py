@@ -28,6 +28,9 @@ def test_files_are_written(smoke_report):
         assert (out / name).stat().st_size > 1000, name
         assert name in report["plots"]
     assert "error" not in report
+    # Each TorchServe got its (smoke-sized) warm-up before its first cell, and the report says so.
+    assert report["settings"]["torchserve_warm_up_requests"] == 16
+    assert "Every TorchServe was sent 16 predictions" in (out / "README.md").read_text()
 
 
 def test_every_cell_is_sane(smoke_report):
