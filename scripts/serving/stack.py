@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -30,6 +31,10 @@ MODEL_NAME = "dr"
 MODEL_STORE = Path(os.environ.get("MODEL_PATH") or REPO / "model_store").resolve()
 VAR = Path(os.environ.get("STACK_VAR") or REPO / "var").resolve()  # tests point it elsewhere
 STACK_DATABASE = "clarity"
+# The settings the running stack gave the API, for the flask commands an operator runs beside it
+# (check-storage, reconcile, grade-pending): on `make stack` the images are in SeaweedFS, whose
+# endpoint and key no default names. Written at start, removed at stop.
+ENV_FILE = "stack.env"
 
 
 def ensure_demo_model() -> Path:
@@ -82,6 +87,16 @@ def _postgres_url() -> str:
     return f"{admin.rsplit('/', 1)[0]}/{STACK_DATABASE}"
 
 
+def write_env_file(path: Path, env: dict) -> Path:
+    """`env` as KEY=value lines a POSIX shell can source, readable by the owner only (it holds
+    the local S3 server's key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)  # an older file may have had wider permissions
+        fh.write("".join(f"{key}={shlex.quote(str(value))}\n" for key, value in sorted(env.items())))
+    return path
+
+
 def _banner(api_url: str, env: dict, dicom: DicomReceiver) -> str:
     # The key must land in the database the API uses; on the embedded defaults that is the
     # settings' own default (var/clarity.db from the repository root), so no prefix is needed.
@@ -109,6 +124,9 @@ def _banner(api_url: str, env: dict, dicom: DicomReceiver) -> str:
       | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
     curl -s -X POST {api_url}/api/v1/patients/$PATIENT/screenings -H "Authorization: Bearer $KEY" \\
       -F eye=right -F image=@samples/right_normal_600.jpg
+ 3. Other flask commands against this stack (check-storage, reconcile, grade-pending) need its
+    settings, which {ENV_FILE} holds while it runs:
+    (set -a; . {(VAR / ENV_FILE).relative_to(REPO) if VAR.is_relative_to(REPO) else VAR / ENV_FILE}; .venv/bin/flask --app control_api check-storage)
 ================================================================================
 """
 
@@ -242,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
                                     (ts.log_dir / "ts_log.log", "[torchserve]", ts_noise),
                                     (ts.log_dir / "model_log.log", "[model]", ts_noise)):
             LogFollower(path, prefix, stop, noise).start()
+        write_env_file(VAR / ENV_FILE, env)
         print(_banner(api.url, env, dicom), flush=True)
 
         # Ctrl-C and SIGTERM (docker stop, systemd) both end in the finally block below. SIGINT is
@@ -260,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
         for p in reversed(processes):
             p.stop()
+        (VAR / ENV_FILE).unlink(missing_ok=True)  # it names servers that are gone now
         print("stopped.", flush=True)
 
 
