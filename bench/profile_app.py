@@ -22,7 +22,7 @@ import peewee
 import werkzeug.formparser
 
 from control_api import audit, auth, images, storage, torchserve
-from control_api.blueprints import screenings
+from control_api import upload
 
 PROFILE_DIR = Path(os.environ.get("PROFILE_DIR", "var/bench/profile"))
 _local = threading.local()
@@ -58,7 +58,7 @@ def _patch(owner, name: str, phase: str) -> None:
 
 _patch(werkzeug.formparser.FormDataParser, "parse", "multipart parsing")
 _patch(images, "inspect", "image header check")
-_patch(screenings, "sha256_hex", "sha256")
+_patch(upload, "sha256_hex", "sha256")
 _patch(storage, "sha256_hex", "sha256")  # the backends check the hash again before writing
 _patch(os, "fsync", "fsync")
 _patch(storage.LocalStorage, "put", "image write")

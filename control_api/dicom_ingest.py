@@ -19,7 +19,7 @@ from prometheus_client import Counter
 from . import dicom, dicom_report, metrics, outcome, report
 from .db import db
 from .grading import claim, grade, release
-from .blueprints.screenings import study_exam
+from .upload import study_exam
 from .models import ApiKey, AuditEvent, DicomInstance, Exam, Patient, Screening, utcnow
 from .storage import get_storage, screening_key, sha256_hex
 from .torchserve import ImageRejected, TorchServeUnavailable, UnknownModelVersion, get_client

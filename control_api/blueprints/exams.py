@@ -2,7 +2,7 @@
 photographs, and export one as a PDF report or a FHIR R4 Bundle.
 
 A photograph is a Screening row with an exam; uploading goes through the same function as the
-screenings route (screenings.upload_photograph), so checks, idempotency and clean-up are one.
+screenings route (upload.upload_photograph), so checks, idempotency and clean-up are one.
 The accession number is PHI-like: it is stored and returned, never logged or put in a URL.
 """
 from __future__ import annotations
@@ -22,9 +22,10 @@ from ..db import db
 from ..errors import ApiError
 from ..models import Exam, utcnow
 from ..pagination import page
+from ..upload import read_idempotency_key, upload_photograph
 from . import Blueprint
 from .patients import get_patient
-from .screenings import IDEMPOTENCY_HEADER, answer, photograph_route, read_idempotency_key, upload_photograph
+from .screenings import IDEMPOTENCY_HEADER, answer, photograph_route
 
 log = logging.getLogger(__name__)
 
