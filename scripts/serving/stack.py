@@ -101,6 +101,7 @@ def _banner(api_url: str, env: dict, dicom: DicomReceiver) -> str:
     # The key must land in the database the API uses; on the embedded defaults that is the
     # settings' own default (var/clarity.db from the repository root), so no prefix is needed.
     env_prefix = f"DATABASE_URL={env['DATABASE_URL']} " if "DATABASE_URL" in env else ""
+    env_file = (VAR / ENV_FILE).relative_to(REPO) if VAR.is_relative_to(REPO) else VAR / ENV_FILE
     return f"""
 ================================================================================
  Clarity in Care is running (Ctrl-C stops everything)
@@ -125,8 +126,8 @@ def _banner(api_url: str, env: dict, dicom: DicomReceiver) -> str:
     curl -s -X POST {api_url}/api/v1/patients/$PATIENT/screenings -H "Authorization: Bearer $KEY" \\
       -F eye=right -F image=@samples/right_normal_600.jpg
  3. Other flask commands against this stack (check-storage, reconcile, grade-pending) need its
-    settings, which {ENV_FILE} holds while it runs:
-    (set -a; . {(VAR / ENV_FILE).relative_to(REPO) if VAR.is_relative_to(REPO) else VAR / ENV_FILE}; .venv/bin/flask --app control_api check-storage)
+    settings, which {env_file} holds while it runs:
+    (set -a; . {env_file}; .venv/bin/flask --app control_api check-storage)
 ================================================================================
 """
 
